@@ -1,0 +1,1 @@
+"""DICOM input and output: series reading and validation, conversion, SEG and SR writers, senders."""

@@ -1,0 +1,1 @@
+"""Image analysis: preprocessing, network architectures, inference, post-processing, measurements."""

@@ -1,0 +1,1 @@
+"""Model weights: registry of pinned sources, fetching, conversion to PyTorch and loading."""
