@@ -1,1 +1,3 @@
 """Liver Node service: configuration, command line, C-STORE SCP, scheduler, worker and database."""
+
+__version__ = "0.1.0"

@@ -1,0 +1,548 @@
+"""The node's C-STORE SCP: application entity, presentation contexts, timeouts and handlers.
+
+Each received instance is validated, written to the spool and recorded in the database
+before the SCP returns its C-STORE status, so an instance acknowledged with 0x0000 is
+always on disk and in the ``instances`` table.
+
+C-STORE statuses returned (PS3.4 Annex B.2.3):
+
+- ``0x0000`` Success, also for a resend of an already stored instance.
+- ``0xA900`` Error, "Data Set does not match SOP Class": a Type 1 attribute the node needs
+  (StudyInstanceUID, SeriesInstanceUID, SOPInstanceUID) is missing, empty or not a valid UID,
+  Modality is not CT, or SOPInstanceUID differs from the Affected SOP Instance UID of the
+  request.
+- ``0xC000`` Failure, "Cannot understand": the data set cannot be decoded.
+- ``0xA700`` Refused, "Out of resources": the spool or the database cannot be written.
+
+A rejected instance does not end the association; the next C-STORE is handled as usual.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+from dataclasses import dataclass
+
+from pydicom import uid as dicom_uid
+from pydicom.dataset import Dataset
+from pydicom.pixels import get_decoder
+from pynetdicom import AE, evt
+from pynetdicom.events import Event
+from pynetdicom.sop_class import (  # type: ignore[attr-defined]
+    CTImageStorage,
+    EnhancedCTImageStorage,
+    Verification,
+)
+from pynetdicom.transport import ThreadedAssociationServer
+from sqlalchemy import Engine, select
+from sqlalchemy.exc import SQLAlchemyError
+from sqlalchemy.orm import Session
+
+from node.audit import add_audit_event, record_audit_event
+from node.config import Settings
+from node.db import session_scope
+from node.models import AuditKind, Instance, Series, SeriesState, Study, utc_now
+from node.spool import Spool, is_valid_uid, sha256_hex
+
+logger = logging.getLogger(__name__)
+
+STATUS_SUCCESS = 0x0000
+STATUS_OUT_OF_RESOURCES = 0xA700
+STATUS_DATASET_DOES_NOT_MATCH_SOP_CLASS = 0xA900
+STATUS_CANNOT_UNDERSTAND = 0xC000
+
+#: Storage SOP classes the node accepts.
+STORAGE_SOP_CLASSES = (CTImageStorage, EnhancedCTImageStorage)
+
+#: Transfer syntaxes the node offers to accept, in order of preference, before the check
+#: that pydicom can decode their pixel data in this environment.
+CANDIDATE_TRANSFER_SYNTAXES = (
+    dicom_uid.ExplicitVRLittleEndian,
+    dicom_uid.ImplicitVRLittleEndian,
+    dicom_uid.ExplicitVRBigEndian,
+    dicom_uid.DeflatedExplicitVRLittleEndian,
+    dicom_uid.JPEGBaseline8Bit,
+    dicom_uid.JPEGLosslessSV1,
+    dicom_uid.JPEGLossless,
+    dicom_uid.JPEGLSLossless,
+    dicom_uid.JPEGLSNearLossless,
+    dicom_uid.JPEG2000Lossless,
+    dicom_uid.JPEG2000,
+    dicom_uid.RLELossless,
+)
+
+#: UID attributes every instance must carry; they name the spool path and database rows.
+REQUIRED_UID_KEYWORDS = ("StudyInstanceUID", "SeriesInstanceUID", "SOPInstanceUID")
+
+REQUIRED_MODALITY = "CT"
+
+#: pynetdicom rejection diagnostic for "calling-AE-title-not-recognized" (PS3.8 9.3.4).
+REJECT_CALLING_AE_NOT_RECOGNISED = 0x03
+
+
+def supported_transfer_syntaxes() -> list[str]:
+    """Return the candidate transfer syntaxes whose pixel data pydicom can decode here.
+
+    Native (uncompressed) syntaxes are always available; compressed ones depend on the
+    installed decoder plugins, such as pylibjpeg with its openjpeg and libjpeg plugins.
+    """
+    available: list[str] = []
+    for transfer_syntax in CANDIDATE_TRANSFER_SYNTAXES:
+        if not transfer_syntax.is_compressed:
+            available.append(transfer_syntax)
+            continue
+        try:
+            decoder = get_decoder(transfer_syntax)
+        except NotImplementedError:
+            logger.info("No pixel data decoder for %s; not offered", transfer_syntax.name)
+            continue
+        if decoder.is_available:
+            available.append(transfer_syntax)
+        else:
+            logger.info("Decoder for %s has no plugin installed; not offered", transfer_syntax.name)
+    return available
+
+
+@dataclass(frozen=True)
+class _InstanceAttributes:
+    study_uid: str
+    series_uid: str
+    sop_uid: str
+    sop_class_uid: str
+    modality: str
+    patient_id: str | None
+    accession_number: str | None
+    study_date: str | None
+    series_description: str | None
+
+
+class StorageSCP:
+    """C-STORE and C-ECHO SCP that spools received CT instances and records them.
+
+    Parameters
+    ----------
+    settings : Settings
+        Uses ``settings.scp`` and ``settings.spool_dir``.
+    engine : sqlalchemy.Engine
+        Database from :func:`node.db.init_db`.
+
+    Examples
+    --------
+    ::
+
+        scp = StorageSCP(settings, engine)
+        scp.start()
+        ...
+        scp.stop()
+    """
+
+    def __init__(self, settings: Settings, engine: Engine) -> None:
+        self.settings = settings
+        self.engine = engine
+        self.spool = Spool(settings.spool_dir)  # type: ignore[arg-type]
+        self.ae = self._build_ae()
+        self._server: ThreadedAssociationServer | None = None
+        # Serialises spool-and-record steps so two associations cannot create the same
+        # study or series row at once within this process.
+        self._store_lock = threading.Lock()
+
+    @property
+    def port(self) -> int:
+        """TCP port the SCP listens on; differs from the setting when that is 0."""
+        if self._server is None:
+            raise RuntimeError("The SCP is not running: call start() first")
+        return int(self._server.server_address[1])
+
+    def start(self) -> None:
+        """Start listening in background threads and return.
+
+        Raises
+        ------
+        OSError
+            When the address cannot be bound, for example because the port is in use.
+        """
+        scp = self.settings.scp
+        handlers = [
+            (evt.EVT_C_STORE, self._handle_store),
+            (evt.EVT_C_ECHO, self._handle_echo),
+            (evt.EVT_ACCEPTED, self._handle_accepted),
+            (evt.EVT_RELEASED, self._handle_released),
+            (evt.EVT_ABORTED, self._handle_aborted),
+            (evt.EVT_REJECTED, self._handle_rejected),
+        ]
+        self._server = self.ae.start_server(
+            (scp.host, scp.port), block=False, evt_handlers=handlers
+        )
+        logger.info(
+            "SCP %s listening on %s:%d (spool %s)",
+            scp.ae_title,
+            scp.host,
+            self.port,
+            self.spool.root,
+        )
+
+    def stop(self) -> None:
+        """Stop listening and close open associations."""
+        if self._server is None:
+            return
+        self._server.shutdown()
+        self._server = None
+        logger.info("SCP %s stopped", self.settings.scp.ae_title)
+
+    def _build_ae(self) -> AE:
+        scp = self.settings.scp
+        ae = AE(ae_title=scp.ae_title)
+        ae.acse_timeout = scp.acse_timeout_s
+        ae.dimse_timeout = scp.dimse_timeout_s
+        ae.network_timeout = scp.network_timeout_s
+        ae.maximum_pdu_size = scp.max_pdu_bytes
+        ae.require_calling_aet = list(scp.allowed_calling_ae_titles)
+
+        transfer_syntaxes = supported_transfer_syntaxes()
+        for sop_class in STORAGE_SOP_CLASSES:
+            ae.add_supported_context(sop_class, transfer_syntaxes)
+        ae.add_supported_context(Verification)
+
+        logger.debug(
+            "SCP contexts: %s with transfer syntaxes %s",
+            ", ".join(sop_class.name for sop_class in STORAGE_SOP_CLASSES),
+            ", ".join(dicom_uid.UID(ts).name for ts in transfer_syntaxes),
+        )
+        return ae
+
+    # Association events ---------------------------------------------------------------
+
+    def _handle_accepted(self, event: Event) -> None:
+        requestor = event.assoc.requestor
+        logger.info(
+            "Association accepted from calling AE %s at %s:%s",
+            requestor.ae_title,
+            requestor.address,
+            requestor.port,
+        )
+
+    def _handle_released(self, event: Event) -> None:
+        requestor = event.assoc.requestor
+        logger.info(
+            "Association released by calling AE %s at %s:%s",
+            requestor.ae_title,
+            requestor.address,
+            requestor.port,
+        )
+
+    def _handle_aborted(self, event: Event) -> None:
+        requestor = event.assoc.requestor
+        logger.warning(
+            "Association with calling AE %s at %s:%s aborted",
+            requestor.ae_title,
+            requestor.address,
+            requestor.port,
+        )
+
+    def _handle_rejected(self, event: Event) -> None:
+        requestor = event.assoc.requestor
+        calling_ae = requestor.ae_title
+        allowed = self.settings.scp.allowed_calling_ae_titles
+
+        if allowed and calling_ae not in allowed:
+            reason = (
+                f"calling AE title {calling_ae!r} is not in scp.allowed_calling_ae_titles "
+                f"({', '.join(allowed)}); rejected with reason calling-AE-title-not-recognized"
+            )
+        else:
+            reason = "association rejected by the SCP (for example, too many associations)"
+
+        logger.warning(
+            "Association from %s:%s rejected: %s", requestor.address, requestor.port, reason
+        )
+        try:
+            record_audit_event(
+                self.engine,
+                AuditKind.ASSOCIATION_REJECTED,
+                calling_ae_title=calling_ae[:16],
+                message=f"peer {requestor.address}:{requestor.port}: {reason}",
+            )
+        except SQLAlchemyError:
+            logger.exception("Could not record the rejected association in the audit log")
+
+    def _handle_echo(self, event: Event) -> int:
+        logger.info("C-ECHO from calling AE %s", event.assoc.requestor.ae_title)
+        return STATUS_SUCCESS
+
+    # C-STORE --------------------------------------------------------------------------
+
+    def _handle_store(self, event: Event) -> int:
+        calling_ae = event.assoc.requestor.ae_title
+        affected_sop_uid = str(event.request.AffectedSOPInstanceUID or "")
+
+        try:
+            dataset = event.dataset
+            attributes = _read_attributes(dataset)
+        except Exception as error:  # noqa: BLE001 - any decoding error of peer data
+            message = f"data set cannot be decoded: {error.__class__.__name__}: {error}"
+            logger.warning(
+                "C-STORE of SOP instance %s from %s rejected (0x%04X): %s",
+                affected_sop_uid,
+                calling_ae,
+                STATUS_CANNOT_UNDERSTAND,
+                message,
+            )
+            self._audit_rejection(calling_ae, affected_sop_uid, None, None, message)
+            return STATUS_CANNOT_UNDERSTAND
+
+        problem = _validate_attributes(attributes, affected_sop_uid)
+        if problem is not None:
+            logger.warning(
+                "C-STORE of SOP instance %s from %s rejected (0x%04X): %s",
+                affected_sop_uid,
+                calling_ae,
+                STATUS_DATASET_DOES_NOT_MATCH_SOP_CLASS,
+                problem,
+            )
+            self._audit_rejection(
+                calling_ae,
+                attributes.sop_uid or affected_sop_uid,
+                attributes.study_uid,
+                attributes.series_uid,
+                problem,
+            )
+            return STATUS_DATASET_DOES_NOT_MATCH_SOP_CLASS
+
+        encoded = event.encoded_dataset()
+        transfer_syntax_uid = str(event.context.transfer_syntax)
+
+        try:
+            with self._store_lock, session_scope(self.engine) as session:
+                self._spool_and_record(
+                    session, attributes, encoded, transfer_syntax_uid, calling_ae
+                )
+        except (OSError, SQLAlchemyError) as error:
+            logger.error(
+                "C-STORE of SOP instance %s (series %s) from %s failed (0x%04X): %s",
+                attributes.sop_uid,
+                attributes.series_uid,
+                calling_ae,
+                STATUS_OUT_OF_RESOURCES,
+                error,
+            )
+            return STATUS_OUT_OF_RESOURCES
+
+        return STATUS_SUCCESS
+
+    def _spool_and_record(
+        self,
+        session: Session,
+        attributes: _InstanceAttributes,
+        encoded: bytes,
+        transfer_syntax_uid: str,
+        calling_ae: str,
+    ) -> None:
+        digest = sha256_hex(encoded)
+        uids = {
+            "study_uid": attributes.study_uid,
+            "series_uid": attributes.series_uid,
+            "sop_uid": attributes.sop_uid,
+        }
+
+        existing = session.scalar(
+            select(Instance).where(Instance.sop_instance_uid == attributes.sop_uid)
+        )
+        if existing is not None and existing.sha256 == digest:
+            add_audit_event(
+                session,
+                AuditKind.DUPLICATE,
+                calling_ae_title=calling_ae,
+                message=f"identical resend of {existing.spool_path}; kept one copy",
+                **uids,
+            )
+            logger.info(
+                "SOP instance %s received again with identical content; kept one copy",
+                attributes.sop_uid,
+            )
+            return
+        if existing is not None:
+            version_path = self.spool.store_conflict_version(
+                attributes.study_uid, attributes.series_uid, attributes.sop_uid, encoded
+            )
+            message = (
+                f"SOP Instance UID already stored at {existing.spool_path} "
+                f"(SHA-256 {existing.sha256}) with different content; the new copy "
+                f"(SHA-256 {digest}) is kept at {version_path} and not analysed"
+            )
+            add_audit_event(
+                session, AuditKind.CONFLICT, calling_ae_title=calling_ae, message=message, **uids
+            )
+            logger.warning("SOP instance %s: %s", attributes.sop_uid, message)
+            return
+
+        path = self.spool.store(
+            attributes.study_uid, attributes.series_uid, attributes.sop_uid, encoded
+        )
+        now = utc_now()
+        series = _upsert_study_and_series(session, attributes, calling_ae, now)
+        session.add(
+            Instance(
+                series=series,
+                sop_instance_uid=attributes.sop_uid,
+                sop_class_uid=attributes.sop_class_uid,
+                transfer_syntax_uid=transfer_syntax_uid,
+                spool_path=str(path),
+                sha256=digest,
+                size_bytes=len(encoded),
+                calling_ae_title=calling_ae,
+                received_at=now,
+            )
+        )
+        add_audit_event(
+            session,
+            AuditKind.RECEIVED,
+            calling_ae_title=calling_ae,
+            message=f"stored at {path} ({len(encoded)} bytes, {transfer_syntax_uid})",
+            **uids,
+        )
+        logger.debug(
+            "Stored SOP instance %s of series %s from %s",
+            attributes.sop_uid,
+            attributes.series_uid,
+            calling_ae,
+        )
+
+    def _audit_rejection(
+        self,
+        calling_ae: str,
+        sop_uid: str | None,
+        study_uid: str | None,
+        series_uid: str | None,
+        message: str,
+    ) -> None:
+        try:
+            record_audit_event(
+                self.engine,
+                AuditKind.REJECTED,
+                study_uid=_fit_uid(study_uid),
+                series_uid=_fit_uid(series_uid),
+                sop_uid=_fit_uid(sop_uid),
+                calling_ae_title=calling_ae,
+                message=message,
+            )
+        except SQLAlchemyError:
+            logger.exception("Could not record the rejected instance in the audit log")
+
+
+def _read_attributes(dataset: Dataset) -> _InstanceAttributes:
+    def text(keyword: str) -> str:
+        value = dataset.get(keyword)
+        return "" if value is None else str(value).strip()
+
+    def optional(keyword: str, max_length: int) -> str | None:
+        # Cut to the column width so a malformed long value cannot fail the database insert.
+        return text(keyword)[:max_length] or None
+
+    return _InstanceAttributes(
+        study_uid=text("StudyInstanceUID"),
+        series_uid=text("SeriesInstanceUID"),
+        sop_uid=text("SOPInstanceUID"),
+        sop_class_uid=text("SOPClassUID"),
+        modality=text("Modality")[:16],
+        patient_id=optional("PatientID", 64),
+        accession_number=optional("AccessionNumber", 16),
+        study_date=optional("StudyDate", 8),
+        series_description=optional("SeriesDescription", 64),
+    )
+
+
+def _validate_attributes(attributes: _InstanceAttributes, affected_sop_uid: str) -> str | None:
+    """Return why the instance cannot be accepted, or None when it can."""
+    values = {
+        "StudyInstanceUID": attributes.study_uid,
+        "SeriesInstanceUID": attributes.series_uid,
+        "SOPInstanceUID": attributes.sop_uid,
+    }
+    missing = [keyword for keyword in REQUIRED_UID_KEYWORDS if not values[keyword]]
+    if missing:
+        return f"missing or empty Type 1 attributes: {', '.join(missing)}"
+
+    invalid = [keyword for keyword in REQUIRED_UID_KEYWORDS if not is_valid_uid(values[keyword])]
+    if invalid:
+        details = ", ".join(f"{keyword} {values[keyword]!r}" for keyword in invalid)
+        return f"invalid UID (expected up to 64 digits and periods): {details}"
+
+    if attributes.modality != REQUIRED_MODALITY:
+        return (
+            f"Modality is {attributes.modality!r}, expected {REQUIRED_MODALITY!r} for "
+            "CT Image Storage and Enhanced CT Image Storage"
+        )
+
+    if affected_sop_uid and attributes.sop_uid != affected_sop_uid:
+        return (
+            f"SOPInstanceUID {attributes.sop_uid} differs from the Affected SOP Instance UID "
+            f"{affected_sop_uid} of the C-STORE request"
+        )
+    return None
+
+
+def _upsert_study_and_series(
+    session: Session, attributes: _InstanceAttributes, calling_ae: str, now: object
+) -> Series:
+    study = session.scalar(
+        select(Study).where(Study.study_instance_uid == attributes.study_uid)
+    )
+    if study is None:
+        study = Study(
+            study_instance_uid=attributes.study_uid,
+            patient_id=attributes.patient_id,
+            accession_number=attributes.accession_number,
+            study_date=attributes.study_date,
+            first_received_at=now,
+            last_received_at=now,
+        )
+        session.add(study)
+    else:
+        study.last_received_at = now  # type: ignore[assignment]
+
+    series = session.scalar(
+        select(Series).where(Series.series_instance_uid == attributes.series_uid)
+    )
+    if series is None:
+        series = Series(
+            study=study,
+            series_instance_uid=attributes.series_uid,
+            modality=attributes.modality,
+            series_description=attributes.series_description,
+            instance_count=0,
+            state=SeriesState.RECEIVING,
+            calling_ae_title=calling_ae,
+            first_received_at=now,
+        )
+        session.add(series)
+    elif series.state != SeriesState.RECEIVING:
+        # A new instance changes the series, so it is analysed again after the quiet time.
+        add_audit_event(
+            session,
+            AuditKind.LATE_INSTANCE,
+            study_uid=attributes.study_uid,
+            series_uid=attributes.series_uid,
+            sop_uid=attributes.sop_uid,
+            calling_ae_title=calling_ae,
+            message=f"instance arrived while the series was {series.state}; "
+            "the series is receiving again and will be analysed again",
+        )
+        logger.warning(
+            "Series %s received SOP instance %s while %s; receiving again",
+            attributes.series_uid,
+            attributes.sop_uid,
+            series.state,
+        )
+        series.state = SeriesState.RECEIVING
+        series.completed_at = None
+
+    series.instance_count = (series.instance_count or 0) + 1
+    series.last_received_at = now  # type: ignore[assignment]
+    series.calling_ae_title = calling_ae
+    return series
+
+
+def _fit_uid(value: str | None) -> str | None:
+    if not value:
+        return None
+    return value[:64]

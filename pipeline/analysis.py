@@ -1,0 +1,257 @@
+"""Liver and liver-tumour analysis of one CT volume: the two networks and their pre/post steps."""
+
+from __future__ import annotations
+
+import logging
+import resource
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+
+import nibabel as nib
+import numpy as np
+import torch
+
+from pipeline import preprocessing
+from pipeline.inference import ModelHandle, check_memory_budget, sliding_window_predict
+from pipeline.labels import LIVER_LABEL, TUMOR_LABEL
+from pipeline.measurements import Measurements, measure
+from pipeline.postprocessing import dilate_liver, largest_liver_region, remove_small_components
+from pipeline.resample import grid_shape_for_spacing, resize_volume
+from pipeline.settings import AnalysisSettings
+
+logger = logging.getLogger(__name__)
+
+ProgressCallback = Callable[[str], None]
+
+#: Margin around the dilated liver kept when the lesion region is cut out, in mm.
+LESION_REGION_MARGIN_MM = 6.0
+
+
+@dataclass
+class AnalysisResult:
+    """Output of :func:`analyse`.
+
+    Attributes
+    ----------
+    labels: numpy.ndarray
+        uint8 labels on the input image's grid: 0 background, 1 liver, 2 tumour.
+    measurements: Measurements
+        Volumes and counts.
+    warnings: list[str]
+        Conditions a reader of the result must know about (partial coverage, no liver found).
+    stage_seconds: dict[str, float]
+        Wall time of each stage.
+    coverage_mm: float
+        Cranio-caudal extent of the volume in mm.
+    """
+
+    labels: np.ndarray
+    measurements: Measurements
+    warnings: list[str] = field(default_factory=list)
+    stage_seconds: dict[str, float] = field(default_factory=dict)
+    coverage_mm: float = 0.0
+
+
+def peak_rss_mb() -> float:
+    """Return the peak resident memory of this process so far, in MiB."""
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024.0
+
+
+class _StageTimer:
+    """Collects wall time per stage and reports each start to a progress callback."""
+
+    def __init__(self, progress: ProgressCallback | None) -> None:
+        self.seconds: dict[str, float] = {}
+        self._progress = progress
+
+    def run(self, stage: str, function: Callable[[], object]) -> object:
+        if self._progress is not None:
+            self._progress(stage)
+        start = time.perf_counter()
+        value = function()
+        self.seconds[stage] = round(time.perf_counter() - start, 3)
+        logger.info("Stage %s finished in %.2f s", stage, self.seconds[stage])
+        return value
+
+
+def _to_ras(image: nib.Nifti1Image) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Return the HU array in RAS order, its affine and the orientation that maps it back."""
+    orientation = nib.io_orientation(image.affine)
+    ras = nib.orientations.axcodes2ornt(("R", "A", "S"))
+    to_ras = nib.orientations.ornt_transform(orientation, ras)
+    data = np.asarray(image.dataobj, dtype=np.float32)
+    if data.ndim == 4 and data.shape[3] == 1:
+        data = data[..., 0]
+    if data.ndim != 3:
+        raise ValueError(f"expected a 3D CT volume, got an array of shape {data.shape}")
+
+    ras_data = nib.orientations.apply_orientation(data, to_ras)
+    ras_affine = image.affine @ nib.orientations.inv_ornt_aff(to_ras, data.shape)
+    back = nib.orientations.ornt_transform(ras, orientation)
+    return np.ascontiguousarray(ras_data, dtype=np.float32), ras_affine, back
+
+
+def _segment_liver(
+    hu: np.ndarray, spacing: np.ndarray, model: ModelHandle, settings: AnalysisSettings
+) -> np.ndarray:
+    """Return the boolean liver mask on the grid of ``hu``."""
+    box = preprocessing.body_bounding_box(
+        hu, spacing, threshold_hu=settings.body_threshold_hu, margin_mm=settings.body_margin_mm
+    )
+    cropped = hu[box]
+    network_input = preprocessing.liver_network_input(cropped, spacing, model.voxel_size_mm)
+    logger.info(
+        "Liver network input %s voxels of %s mm from a body crop of %s voxels",
+        network_input.shape, model.voxel_size_mm, cropped.shape,
+    )
+
+    # Outside the body crop lies air; beyond the first and last slice the anatomy goes on, so
+    # the edge slices are repeated there (air above a cut liver dome lowered liver Dice on a
+    # real CT from 0.94 to 0.91).
+    probabilities = sliding_window_predict(
+        network_input,
+        model,
+        overlap=settings.tile_overlap,
+        pad_value=preprocessing.AIR_NORMALISED,
+        edge_axes=(2,),
+    )
+    region = largest_liver_region(probabilities, settings.liver_threshold)
+    kept = np.where(region, probabilities, np.float32(0.0))
+
+    mask = np.zeros(hu.shape, dtype=bool)
+    mask[box] = resize_volume(kept, cropped.shape) > settings.liver_threshold
+    return mask
+
+
+def _segment_tumors(
+    hu: np.ndarray,
+    spacing: np.ndarray,
+    liver: np.ndarray,
+    model: ModelHandle,
+    settings: AnalysisSettings,
+) -> np.ndarray:
+    """Return the boolean tumour mask on the grid of ``hu``; tumours lie in the dilated liver."""
+    margin = [int(np.ceil(LESION_REGION_MARGIN_MM / s)) for s in spacing]
+    extent = np.argwhere(liver)
+    low = np.maximum(extent.min(axis=0) - margin, 0)
+    high = np.minimum(extent.max(axis=0) + 1 + np.array(margin), hu.shape)
+    box = tuple(slice(int(lo), int(hi)) for lo, hi in zip(low, high))
+
+    region_shape = hu[box].shape
+    grid = grid_shape_for_spacing(region_shape, spacing, model.voxel_size_mm)
+    normalised = resize_volume(preprocessing.normalise_ct(hu[box]), grid)
+    liver_on_grid = resize_volume(liver[box].astype(np.float32), grid) > 0.5
+    liver_region = dilate_liver(liver_on_grid, settings.liver_dilation_voxels)
+    network_input = preprocessing.lesion_network_input(normalised, liver_region)
+
+    # The original pipeline crops the lesion input to the dilated liver's bounding box.
+    inner = np.argwhere(liver_region)
+    inner_box = tuple(
+        slice(int(lo), int(hi) + 1) for lo, hi in zip(inner.min(axis=0), inner.max(axis=0))
+    )
+    logger.info(
+        "Lesion network input %s voxels of %s mm", network_input[inner_box].shape, model.voxel_size_mm
+    )
+    probabilities = np.zeros(grid, dtype=np.float32)
+    probabilities[inner_box] = sliding_window_predict(
+        network_input[inner_box],
+        model,
+        overlap=settings.tile_overlap,
+        required=liver_region[inner_box],
+    )
+    probabilities[~liver_region] = 0.0
+
+    tumors = np.zeros(hu.shape, dtype=bool)
+    tumors[box] = resize_volume(probabilities, region_shape) > settings.tumor_threshold
+    return tumors
+
+
+def analyse(
+    image: nib.Nifti1Image,
+    liver_model: ModelHandle,
+    lesion_model: ModelHandle,
+    settings: AnalysisSettings | None = None,
+    progress: ProgressCallback | None = None,
+) -> AnalysisResult:
+    """Segment the liver, then liver tumours inside it, and measure both.
+
+    Parameters
+    ----------
+    image: nibabel.Nifti1Image
+        CT volume in HU, any orientation; the labels come back on this grid.
+    liver_model: ModelHandle
+        Whole-liver network.
+    lesion_model: ModelHandle
+        Liver-lesion network.
+    settings: AnalysisSettings | None
+        Analysis parameters; defaults when None.
+    progress: Callable[[str], None] | None
+        Called with the name of each stage as it starts.
+
+    Returns
+    -------
+    AnalysisResult
+        Labels on the input grid, measurements, warnings and seconds per stage.
+
+    Raises
+    ------
+    ValueError
+        If the image is not a 3D volume.
+    pipeline.inference.MemoryBudgetError
+        If a network tile cannot run within ``settings.memory_budget_mb``.
+    """
+    settings = settings or AnalysisSettings()
+    torch.set_num_threads(settings.torch_threads)
+    timer = _StageTimer(progress)
+    warnings: list[str] = []
+
+    hu, ras_affine, back = timer.run("preprocessing", lambda: _to_ras(image))
+    spacing = np.sqrt((ras_affine[:3, :3] ** 2).sum(axis=0))
+    coverage_mm = float(hu.shape[2] * spacing[2])
+    if coverage_mm < settings.min_coverage_mm:
+        warnings.append(
+            f"partial coverage: the series spans {coverage_mm:.0f} mm cranio-caudally, less than "
+            f"the {settings.min_coverage_mm:.0f} mm a whole liver needs; liver and tumour volumes "
+            "cover only the imaged part and the networks are less accurate on such a short range"
+        )
+
+    for model in (liver_model, lesion_model):
+        check_memory_budget(model, settings.memory_budget_mb, peak_rss_mb())
+
+    liver = timer.run("liver_inference", lambda: _segment_liver(hu, spacing, liver_model, settings))
+    if liver.any():
+        tumors = timer.run(
+            "tumor_inference",
+            lambda: _segment_tumors(hu, spacing, liver, lesion_model, settings),
+        )
+    else:
+        warnings.append("no liver found: the tumour network was not run")
+        tumors = np.zeros_like(liver)
+        timer.seconds["tumor_inference"] = 0.0
+
+    def postprocess() -> np.ndarray:
+        voxel_volume = float(np.prod(spacing))
+        min_voxels = int(np.ceil(settings.min_tumor_volume_ml * 1000.0 / voxel_volume))
+        kept_tumors = remove_small_components(tumors & dilate_liver(liver, 1), min_voxels)
+        labels = np.zeros(hu.shape, dtype=np.uint8)
+        labels[liver] = LIVER_LABEL
+        labels[kept_tumors] = TUMOR_LABEL
+        if labels[:, :, 0].any() or labels[:, :, -1].any():
+            warnings.append(
+                "the liver touches the first or last slice: it extends beyond the field of view "
+                "and its volume is a lower bound"
+            )
+        return np.ascontiguousarray(nib.orientations.apply_orientation(labels, back), dtype=np.uint8)
+
+    labels = timer.run("postprocessing", postprocess)
+    measurements = timer.run("measurements", lambda: measure(labels, image.affine))
+    for warning in warnings:
+        logger.warning("Analysis warning: %s", warning)
+    return AnalysisResult(
+        labels=labels,
+        measurements=measurements,
+        warnings=warnings,
+        stage_seconds=timer.seconds,
+        coverage_mm=coverage_mm,
+    )

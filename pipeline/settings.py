@@ -1,0 +1,51 @@
+"""Settings of the image analysis, independent of the service configuration."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+#: Probability above which a voxel is labelled, as in the original pipeline.
+DEFAULT_THRESHOLD = 0.5
+
+
+@dataclass(frozen=True)
+class AnalysisSettings:
+    """Parameters of one liver and liver-tumour analysis.
+
+    Attributes
+    ----------
+    torch_threads: int
+        Number of intra-op threads PyTorch may use (default 2).
+    memory_budget_mb: int
+        Peak memory the analysis may use, in MiB (default 3000). A tile plan whose estimated peak
+        exceeds it is rejected before any inference starts.
+    body_threshold_hu: float
+        HU above which a voxel counts as body when the body is cropped (default -500).
+    body_margin_mm: float
+        Margin added around the body bounding box, in mm (default 10).
+    tile_overlap: float
+        Fraction of a network output tile shared with its neighbours, 0 to < 1 (default 0.0).
+    liver_threshold: float
+        Probability threshold of the liver network (default 0.5).
+    tumor_threshold: float
+        Probability threshold of the lesion network (default 0.5).
+    liver_dilation_voxels: int
+        Dilations of the liver mask, on the lesion network's grid, that give the region in which
+        the lesion network looks for tumours (default 2, as in the original pipeline).
+    min_tumor_volume_ml: float
+        Tumour components smaller than this are relabelled as liver, in mL (default 0: keep all).
+    min_coverage_mm: float
+        Cranio-caudal coverage below which the result carries a partial-coverage warning, in mm
+        (default 150: an adult liver spans about 150 to 200 mm).
+    """
+
+    torch_threads: int = 2
+    memory_budget_mb: int = 3000
+    body_threshold_hu: float = -500.0
+    body_margin_mm: float = 10.0
+    tile_overlap: float = 0.0
+    liver_threshold: float = DEFAULT_THRESHOLD
+    tumor_threshold: float = DEFAULT_THRESHOLD
+    liver_dilation_voxels: int = 2
+    min_tumor_volume_ml: float = 0.0
+    min_coverage_mm: float = 150.0
