@@ -1,14 +1,16 @@
 """Coded concepts used in the DICOM SEG and SR objects written by the node.
 
-Every standard code below was checked against pydicom 3.0's concept dictionary
-(``pydicom.sr.codedict.codes``). The meanings are those of that dictionary, spelled the same
-way, so that readers that compare meanings see no mismatch.
+Every standard code below except :data:`ANATOMICAL_STRUCTURE` was checked against pydicom
+3.0's concept dictionary (``pydicom.sr.codedict.codes``). The meanings are those of that
+dictionary, spelled the same way, so that readers that compare meanings see no mismatch.
 
 Choices worth knowing:
 
-- Segmented property category of the liver: SCT 91723000 "Anatomical Structure", the member
-  of CID 7150 (Segmentation Property Categories) in pydicom's dictionary. SCT 123037004 is
-  "Body structure" in that dictionary and is not a CID 7150 member, so it is not used.
+- Segmented property category of the liver: SCT 123037004 "Anatomical Structure", as the
+  product specification requires. Current editions of CID 7150 (Segmentation Property
+  Categories) use 123037004 with this meaning. pydicom 3.0 bundles an older dictionary, which
+  lists 91723000 as CID 7150 "Anatomical Structure" and 123037004 as "Body structure", so this
+  code is listed in :data:`CODES_NEWER_THAN_PYDICOM` instead of :data:`STANDARD_CODES`.
 - Algorithm family: DCM 123110 "Artificial Intelligence" from CID 7162 (Surface Processing
   Algorithm Families, which highdicom uses for algorithm identification). Both networks are
   trained convolutional neural networks; CID 7162 has no narrower deep-learning code.
@@ -30,7 +32,7 @@ from highdicom.sr import CodedConcept
 from pydicom.sr.codedict import codes
 
 # Segmentation: segmented property categories (CID 7150) and types (CID 7151/7154).
-ANATOMICAL_STRUCTURE = CodedConcept("91723000", "SCT", "Anatomical Structure")
+ANATOMICAL_STRUCTURE = CodedConcept("123037004", "SCT", "Anatomical Structure")
 MORPHOLOGICALLY_ABNORMAL_STRUCTURE = CodedConcept("49755003", "SCT", "Morphologically Abnormal Structure")
 LIVER = CodedConcept("10200004", "SCT", "Liver")
 NEOPLASM = CodedConcept("108369006", "SCT", "Neoplasm")
@@ -58,7 +60,6 @@ TUMOR_BURDEN = CodedConcept("TB001", PRIVATE_CODING_SCHEME_DESIGNATOR, "Tumor bu
 
 # Codes whose value and meaning must match pydicom's dictionary; tests compare them.
 STANDARD_CODES = {
-    "ANATOMICAL_STRUCTURE": (ANATOMICAL_STRUCTURE, codes.SCT.AnatomicalStructure),
     "MORPHOLOGICALLY_ABNORMAL_STRUCTURE": (MORPHOLOGICALLY_ABNORMAL_STRUCTURE, codes.SCT.MorphologicallyAbnormalStructure),
     "LIVER": (LIVER, codes.SCT.Liver),
     "NEOPLASM": (NEOPLASM, codes.SCT.Neoplasm),
@@ -68,4 +69,11 @@ STANDARD_CODES = {
     "DEVICE_OBSERVER_TYPE": (DEVICE_OBSERVER_TYPE, codes.DCM.Device),
     "COMMENT": (COMMENT, codes.DCM.Comment),
     "UNIT_PERCENT": (UNIT_PERCENT, codes.UCUM.Percent),
+}
+
+# Codes whose meaning matches pydicom 3.0's dictionary but whose value follows a newer edition
+# of the DICOM standard than that dictionary: our code, pydicom's entry for the same meaning,
+# and the older value that pydicom lists.
+CODES_NEWER_THAN_PYDICOM = {
+    "ANATOMICAL_STRUCTURE": (ANATOMICAL_STRUCTURE, codes.cid7150.AnatomicalStructure, "91723000"),
 }

@@ -7,6 +7,7 @@ import os
 import platform
 import tempfile
 import warnings
+from collections.abc import Sequence
 from pathlib import Path
 
 import highdicom as hd
@@ -29,6 +30,21 @@ LIVER_SEGMENT_LABEL = "Liver"
 TUMOR_SEGMENT_LABEL = "Liver tumor"
 SEG_CONTENT_LABEL = "LIVER_SEG"
 SEG_SERIES_DESCRIPTION = "Liver and liver tumor segmentation"
+
+#: Type 2 attributes of the Patient and General Study modules that highdicom 0.28 reads from
+#: the first source image by attribute access, so it raises AttributeError when one is absent.
+#: Type 2 attributes must be present but may be empty (PS3.5 section 7.4).
+TYPE2_SOURCE_ATTRIBUTES = (
+    "PatientName",
+    "PatientID",
+    "PatientBirthDate",
+    "PatientSex",
+    "StudyDate",
+    "StudyTime",
+    "ReferringPhysicianName",
+    "StudyID",
+    "AccessionNumber",
+)
 
 # highdicom warns about single-component person names and quotes the name in the message;
 # patient names must not reach the logs. NOTE: warnings.catch_warnings changes process-wide
@@ -91,6 +107,48 @@ def _validate_frames(series: CTSeries, frames: np.ndarray) -> np.ndarray:
             f"{LIVER_LABEL} (liver) and {TUMOR_LABEL} (tumour) are allowed."
         )
     return frames
+
+
+def with_type2_source_attributes(datasets: Sequence[Dataset]) -> list[Dataset]:
+    """Add missing Type 2 patient and study attributes, empty, to copies of source datasets.
+
+    De-identified or minimal series often omit Type 2 patient and study attributes, such as
+    PatientBirthDate. A dataset that lacks one is replaced by a shallow copy with the missing
+    attributes added with empty values; the copy shares the data elements of the original,
+    pixel data included. Datasets that lack nothing are returned as they are. The caller's
+    datasets are never modified.
+
+    Parameters
+    ----------
+    datasets: Sequence[pydicom.dataset.Dataset]
+        Source instances, for example ``CTSeries.datasets``.
+
+    Returns
+    -------
+    list[pydicom.dataset.Dataset]
+        One dataset per source instance, in the same order.
+    """
+    completed: list[Dataset] = []
+    for dataset in datasets:
+        missing = [keyword for keyword in TYPE2_SOURCE_ATTRIBUTES if keyword not in dataset]
+        if not missing:
+            completed.append(dataset)
+            continue
+
+        # Dataset(dataset) would share the element dictionary with the original, so the copy
+        # gets a new dictionary holding the same data elements.
+        copy = Dataset({element.tag: element for element in dataset})
+        if hasattr(dataset, "file_meta"):
+            copy.file_meta = dataset.file_meta
+        for keyword in missing:
+            setattr(copy, keyword, "")
+        logger.debug(
+            "Source instance %s lacks Type 2 attribute(s) %s; empty values used in the derived object",
+            dataset.get("SOPInstanceUID", ""),
+            ", ".join(missing),
+        )
+        completed.append(copy)
+    return completed
 
 
 def specific_character_set_of(dataset: Dataset) -> str | list[str]:
@@ -218,7 +276,7 @@ def write_seg(
     with warnings.catch_warnings():
         warnings.filterwarnings("ignore", message=PERSON_NAME_WARNING_PATTERN)
         segmentation = hd.seg.Segmentation(
-            source_images=list(series.datasets),
+            source_images=with_type2_source_attributes(series.datasets),
             pixel_array=pixel_array,
             segmentation_type=hd.seg.SegmentationTypeValues.BINARY,
             segment_descriptions=segment_descriptions(algorithm_name, algorithm_version),

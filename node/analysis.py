@@ -20,7 +20,7 @@ import numpy as np
 
 from node import __version__
 from node.config import Settings
-from pipeline.analysis import AnalysisResult, analyse, peak_rss_mb
+from pipeline.analysis import AnalysisResult, analyse
 from pipeline.inference import ModelHandle
 from pipeline.settings import AnalysisSettings
 
@@ -28,9 +28,11 @@ logger = logging.getLogger(__name__)
 
 ProgressCallback = Callable[[str], None]
 
-#: Measured peak memory of one forward pass per input voxel (float32, 2 threads), in bytes.
-#: NOTE: measured on the default tiles with torch 2.13 on x86-64; other builds may differ.
-PEAK_BYTES_PER_INPUT_VOXEL = {"liver": 450.0, "lesion": 300.0}
+#: Peak memory of one forward pass per input voxel, in bytes: the default tiles measured 3.45 GiB
+#: (liver, 189 x 162 x 162) and 1.04 GiB (lesion, 180 x 172 x 86) above the loaded process with
+#: torch 2.13 on x86-64 and 2 threads, plus 10 %.
+#: NOTE: other builds and thread counts allocate differently; these are estimates.
+PEAK_BYTES_PER_INPUT_VOXEL = {"liver": 820.0, "lesion": 460.0}
 
 ALGORITHM_NAME = "Liver Node liver and liver-tumour segmentation"
 NIFTI_SUFFIXES = (".nii", ".nii.gz")
@@ -202,7 +204,7 @@ def segment(
         "software_version": __version__,
         "stage_seconds": seconds,
         "total_seconds": round(time.perf_counter() - start, 3),
-        "peak_rss_mb": round(peak_rss_mb(), 1),
+        "peak_rss_mb": result.peak_rss_mb,
         "outputs": outputs,
     }
     _write_json_atomic(out_dir / "result.json", content)

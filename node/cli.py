@@ -130,7 +130,24 @@ def build_parser() -> argparse.ArgumentParser:
         nargs="?",
         default=None,
         metavar="CT_FOLDER",
-        help="folder of one CT series (default: the demo's own choice of series)",
+        help="folder of one CT series; UIDs are assigned to a copy when they are empty "
+        "(default: a synthetic abdomen phantom written as a CT series)",
+    )
+    demo.add_argument(
+        "--data-dir",
+        type=Path,
+        default=None,
+        metavar="DIR",
+        help="demo folder for the database, spool, outputs and received files; reset at "
+        "each run except its weights/ folder (default: ./livernode-demo)",
+    )
+    demo.add_argument(
+        "--timeout-s",
+        type=float,
+        default=900.0,
+        metavar="SECONDS",
+        help="maximum seconds from sending the series to receiving the SEG and SR "
+        "(default: %(default)g)",
     )
     demo.set_defaults(handler=_run_demo)
 

@@ -167,13 +167,15 @@ class AnalysisSettings:
     torch_threads : int
         Threads PyTorch may use; default 2.
     memory_budget_mb : int
-        Peak memory the analysis aims to stay under, in MiB; default 3000.
+        Peak memory of the analysis, in MiB; default 6000. An analysis whose estimated peak
+        exceeds it fails before inference starts, with a message naming both numbers. The liver
+        network's default tile needs about 3.5 GiB on top of the loaded process.
     keep_empty_frames : bool
         Whether the DICOM SEG keeps frames without any segmented voxel; default true.
     """
 
     torch_threads: int = 2
-    memory_budget_mb: int = 3000
+    memory_budget_mb: int = 6000
     keep_empty_frames: bool = True
 
 

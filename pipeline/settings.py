@@ -17,7 +17,7 @@ class AnalysisSettings:
     torch_threads: int
         Number of intra-op threads PyTorch may use (default 2).
     memory_budget_mb: int
-        Peak memory the analysis may use, in MiB (default 3000). A tile plan whose estimated peak
+        Peak memory the analysis may use, in MiB (default 6000). A tile plan whose estimated peak
         exceeds it is rejected before any inference starts.
     body_threshold_hu: float
         HU above which a voxel counts as body when the body is cropped (default -500).
@@ -40,7 +40,7 @@ class AnalysisSettings:
     """
 
     torch_threads: int = 2
-    memory_budget_mb: int = 3000
+    memory_budget_mb: int = 6000
     body_threshold_hu: float = -500.0
     body_margin_mm: float = 10.0
     tile_overlap: float = 0.0

@@ -447,11 +447,11 @@ def test_seg_content_and_frame_references(synthetic_series_dir, tmp_path):
     assert seg.ReferencedSeriesSequence[0].SeriesInstanceUID == series.series_instance_uid
 
     liver, tumor = seg.SegmentSequence
-    assert liver.SegmentedPropertyCategoryCodeSequence[0].CodeValue == codes.ANATOMICAL_STRUCTURE.value
-    assert liver.SegmentedPropertyTypeCodeSequence[0].CodeValue == codes.LIVER.value
-    assert tumor.SegmentedPropertyCategoryCodeSequence[0].CodeValue == codes.MORPHOLOGICALLY_ABNORMAL_STRUCTURE.value
-    assert tumor.SegmentedPropertyTypeCodeSequence[0].CodeValue == codes.NEOPLASM.value
-    assert tumor.AnatomicRegionSequence[0].CodeValue == codes.LIVER.value
+    assert code_triplet(liver.SegmentedPropertyCategoryCodeSequence[0]) == ("123037004", "SCT", "Anatomical Structure")
+    assert code_triplet(liver.SegmentedPropertyTypeCodeSequence[0]) == ("10200004", "SCT", "Liver")
+    assert code_triplet(tumor.SegmentedPropertyCategoryCodeSequence[0]) == ("49755003", "SCT", "Morphologically Abnormal Structure")
+    assert code_triplet(tumor.SegmentedPropertyTypeCodeSequence[0]) == ("108369006", "SCT", "Neoplasm")
+    assert code_triplet(tumor.AnatomicRegionSequence[0]) == ("10200004", "SCT", "Liver")
     algorithm = liver.SegmentationAlgorithmIdentificationSequence[0]
     assert algorithm.AlgorithmVersion == ALGORITHM_VERSION
     assert algorithm.AlgorithmFamilyCodeSequence[0].CodeValue == codes.ALGORITHM_FAMILY_ARTIFICIAL_INTELLIGENCE.value
@@ -464,6 +464,35 @@ def test_seg_content_and_frame_references(synthetic_series_dir, tmp_path):
     pixels = seg.get_pixels_by_source_instance(source_sop_instance_uids=uids, segment_numbers=[1, 2])
     assert np.array_equal(pixels[..., 0], frames == 1)
     assert np.array_equal(pixels[..., 1], frames == 2)
+
+
+def code_triplet(item: pydicom.Dataset) -> tuple[str, str, str]:
+    return (item.CodeValue, item.CodingSchemeDesignator, item.CodeMeaning)
+
+
+def test_seg_source_without_type2_attributes(tmp_path):
+    # De-identified series often omit Type 2 attributes; highdicom reads them from the source.
+    folder = tmp_path / "ct"
+    write_ct_series(synthetic_image(), folder)
+    for path in folder.iterdir():
+        dataset = pydicom.dcmread(path)
+        del dataset.PatientBirthDate
+        del dataset.PatientSex
+        dataset.save_as(path, enforce_file_format=True)
+    series = load_series(folder)
+    frames = np.zeros((len(series.datasets), series.rows, series.columns), dtype=np.uint8)
+    frames[2:5, 4:20, 4:20] = 1
+
+    written = write_seg(series, frames, tmp_path / "seg.dcm", algorithm_name=ALGORITHM_NAME, algorithm_version=ALGORITHM_VERSION)
+    reread = pydicom.dcmread(tmp_path / "seg.dcm")
+
+    assert written.PatientBirthDate == ""
+    assert reread.PatientBirthDate == ""
+    assert reread.PatientSex == ""
+    assert reread.PatientID == series.datasets[0].PatientID
+    assert reread.StudyInstanceUID == series.study_instance_uid
+    assert all("PatientBirthDate" not in dataset for dataset in series.datasets)
+    assert all("PatientSex" not in dataset for dataset in series.datasets)
 
 
 def test_seg_omits_empty_frames_on_request(synthetic_series_dir, tmp_path):
@@ -589,6 +618,18 @@ def test_codes_match_pydicom_dictionary():
         assert (ours.value, ours.scheme_designator, ours.meaning) == (
             standard.value, standard.scheme_designator, standard.meaning
         ), name
+
+
+def test_codes_newer_than_pydicom_dictionary():
+    # Exception to the comparison above: the liver's segmented property category is SCT
+    # 123037004 "Anatomical Structure", as in current editions of CID 7150, while pydicom 3.0's
+    # older dictionary lists 91723000 for that meaning. When pydicom catches up, the value
+    # matches and the code moves back to STANDARD_CODES.
+    assert set(codes.CODES_NEWER_THAN_PYDICOM) == {"ANATOMICAL_STRUCTURE"}
+    ours, standard, older_value = codes.CODES_NEWER_THAN_PYDICOM["ANATOMICAL_STRUCTURE"]
+    assert (ours.value, ours.scheme_designator, ours.meaning) == ("123037004", "SCT", "Anatomical Structure")
+    assert (standard.scheme_designator, standard.meaning) == (ours.scheme_designator, ours.meaning)
+    assert standard.value in (older_value, ours.value)
 
 
 # C-STORE sending

@@ -223,7 +223,7 @@ def test_settings_defaults_derived_from_data_dir() -> None:
     assert settings.series.sweep_interval_s == 5
     assert settings.destination.send_retries == 3
     assert settings.analysis.torch_threads == 2
-    assert settings.analysis.memory_budget_mb == 3000
+    assert settings.analysis.memory_budget_mb == 6000
     assert settings.analysis.keep_empty_frames is True
 
 

@@ -6,7 +6,7 @@ from __future__ import annotations
 class WeightsUnavailableError(RuntimeError):
     """The converted weights are not in the cache and could not be fetched.
 
-    The message says which step failed (download, missing file) and which command fixes it,
+    The message names the step that failed (download, missing file) and which command fixes it,
     usually ``livernode weights fetch`` on a machine that can reach the package index.
     """
 

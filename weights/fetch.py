@@ -1,9 +1,9 @@
 """Download of the pinned wheel and conversion of its networks into the weights cache.
 
-The cache folder holds ``liver.pt`` and ``lesion.pt`` (PyTorch state dicts) and
+The cache folder contains ``liver.pt`` and ``lesion.pt`` (PyTorch state dicts) and
 ``provenance.json``, which records where they came from and their SHA-256 hashes. The wheel is
 downloaded with ``pip download`` from the package index pip is configured for, so proxies and
-mirrors set up for pip apply; no other download source is used.
+mirrors set up for pip apply. No other download source is used.
 """
 
 from __future__ import annotations

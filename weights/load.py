@@ -73,7 +73,7 @@ def load_model(name: str, cache_dir: Path, *, fetch_if_missing: bool = True) -> 
     cache_dir : Path
         Weights cache folder (see :func:`weights.fetch.fetch_weights`).
     fetch_if_missing : bool
-        Download and convert the weights when the cache holds no converted file or provenance.
+        Download and convert the weights when the cache contains no converted file or provenance.
 
     Returns
     -------
