@@ -1,9 +1,10 @@
 """A synthetic abdominal CT volume for demonstrations and tests.
 
-The phantom is a RAS volume of Hounsfield units: air outside the patient, an elliptic body of
-subcutaneous fat around soft tissue, a smooth liver in the right upper abdomen (low x in RAS,
-because +x is patient left) with three round hypodense lesions, a vertebral column posterior,
-two kidneys and a patient table below the back. Gaussian noise is added on top.
+The phantom is a RAS volume of Hounsfield units. Air surrounds an elliptic body of
+subcutaneous fat around soft tissue. A smooth liver with three round hypodense lesions lies in
+the right upper abdomen, which is at low x because +x is patient left in RAS. A vertebral
+column lies posterior, with two kidneys beside it and a patient table below the back.
+Gaussian noise is added on top.
 
 Known volumes on the default grid (192 x 192 x 80 voxels of 2.0 x 2.0 x 2.5 mm), counted from
 the tissue map of :func:`abdomen_phantom_tissues` (see :data:`DEFAULT_PHANTOM_VOLUMES_ML`):
@@ -81,7 +82,7 @@ class Ellipsoid:
         return ((x - cx) / a) ** 2 + ((y - cy) / b) ** 2 + ((z - cz) / c) ** 2 <= 1.0
 
 
-# Body cross-section (x, y) in mm; the body runs through the whole z range.
+# Body cross-section (x, y) in mm. The body runs through the whole z range.
 BODY_CENTRE_MM = (0.0, 10.0)
 BODY_SEMI_AXES_MM = (165.0, 115.0)
 SUBCUTANEOUS_FAT_MM = 20.0
@@ -111,7 +112,7 @@ LESIONS = (
     Ellipsoid(centre_mm=(-75.0, 50.0, -5.0), semi_axes_mm=(12.0, 12.0, 12.0)),
 )
 
-#: Volumes in mL on the default grid, counted from the tissue map; the test checks them.
+#: Volumes in mL on the default grid, counted from the tissue map.
 DEFAULT_PHANTOM_VOLUMES_ML = {
     "liver_whole": 1362.96,
     "liver_parenchyma": 1348.44,

@@ -264,10 +264,11 @@ def _write_dicom_outputs(
     write_sr(
         series,
         seg,
-        result.measurements,
+        result.measurements.as_dict(),
         out_dir / "sr.dcm",
         algorithm_name=ALGORITHM_NAME,
         algorithm_version=version,
+        comments=warnings,
     )
     seconds["sr_encode"] = round(time.perf_counter() - started, 3)
     outputs["sr"] = str(out_dir / "sr.dcm")

@@ -2,9 +2,9 @@
 
 The demo starts the node (SCP, scheduler, worker, SQLite database) on built-in settings in a
 demo folder, and a Storage SCP of its own that plays the PACS and writes what it receives into
-``<demo folder>/received/``. It sends a CT series to the node with C-STORE, waits until the
-node has sent the DICOM SEG and SR back to the PACS, and prints the measurements read from the
-received SR with the seconds of each analysis stage.
+``<demo folder>/received/``. It sends a CT series to the node with C-STORE and waits until the
+node has sent the DICOM SEG and SR back to the PACS. Then it prints the measurements read from
+the received SR and the seconds of each analysis stage.
 
 Layout of the demo folder:
 
@@ -56,7 +56,7 @@ DEFAULT_TIMEOUT_S = 900.0
 #: File that marks a folder as created by the demo, so that resetting it deletes no other data.
 DEMO_MARKER = ".livernode-demo"
 
-#: Entries of the demo folder deleted at the start of each run; ``weights/`` is kept.
+#: Entries of the demo folder deleted at the start of each run. ``weights/`` is kept.
 RESET_ENTRIES = ("livernode.db", "livernode.db-wal", "livernode.db-shm", "spool", "output", "input", "received")
 
 LOOPBACK = "127.0.0.1"
@@ -84,7 +84,7 @@ WEIGHTS_FILES = ("liver.pt", "lesion.pt", "provenance.json")
 
 
 class DemoError(RuntimeError):
-    """Raised when the demo cannot prepare, send or finish; the message says what to do."""
+    """Raised when the demo cannot prepare, send or finish. The message names the next step."""
 
 
 def _say(message: str) -> None:
@@ -284,7 +284,7 @@ def prepare_series(ct_folder: Path | None, input_dir: Path) -> list[Path]:
     Raises
     ------
     DemoError
-        When the folder is missing, holds no valid CT series or lacks a FrameOfReferenceUID.
+        When the folder is missing, contains no valid CT series or lacks a FrameOfReferenceUID.
     """
     from dicom_io.errors import SeriesValidationError
     from dicom_io.series import load_series
@@ -374,7 +374,7 @@ def wait_for_results(
     series_instance_uid: str,
     deadline: float,
 ) -> JobStatus:
-    """Wait until the PACS holds a SEG and an SR and the job succeeded, printing each change.
+    """Wait until the PACS has received a SEG and an SR and the job succeeded, printing each change.
 
     Raises
     ------
@@ -383,13 +383,17 @@ def wait_for_results(
     """
     from node.models import JobState
 
-    wanted = {str(SegmentationStorage), str(Comprehensive3DSRStorage)}
+    expected = {str(SegmentationStorage), str(Comprehensive3DSRStorage)}
     last_report = ""
     while True:
         status = read_job_status(engine, series_instance_uid)
         report = f"series {status.series_state or 'not recorded yet'}"
         if status.job_id is not None:
             report += f", job {status.job_id} {status.job_state}"
+        received = pacs.received_sop_classes()
+        if received:
+            names = sorted("SEG" if uid == SegmentationStorage else "SR" for uid in received)
+            report += f", demo PACS received {' and '.join(names)}"
         if report != last_report:
             _say(f"Node: {report}")
             last_report = report
@@ -399,7 +403,7 @@ def wait_for_results(
         if status.job_state == JobState.DELIVERY_FAILED:
             raise DemoError(f"Job {status.job_id} could not deliver the SEG and SR to the demo PACS: {status.error}")
         if status.job_state == JobState.SUCCEEDED:
-            if wanted <= pacs.received_sop_classes():
+            if expected <= pacs.received_sop_classes():
                 return status
             outputs = (status.result or {}).get("outputs") or {}
             if not outputs.get("seg") or not outputs.get("sr"):
@@ -455,7 +459,8 @@ def run_demo(args: argparse.Namespace) -> int:
     args : argparse.Namespace
         ``ct_folder`` (Path or None), ``data_dir`` (Path or None, default ``./livernode-demo``),
         ``timeout_s`` (float or None, default 900) and ``settings`` (:class:`Settings` or
-        None; only its ``weights_cache_dir`` is used, when that cache is complete).
+        None). The demo uses only the ``weights_cache_dir`` of ``settings``, and only when that
+        cache is complete.
 
     Returns
     -------
@@ -505,16 +510,19 @@ def _run(demo_dir: Path, ct_folder: Path | None, timeout_s: float, configured: S
     files = timed("prepare series", lambda: prepare_series(ct_folder, demo_dir / "input"))
 
     pacs = DemoPACS(demo_dir / "received")
-    pacs.start()
-    settings = demo_settings(demo_dir, weights_cache, pacs.port, free_port())
-    engine = init_db(settings.database_url)
-    queue = DatabaseJobQueue(engine)
-    scp = StorageSCP(settings, engine)
-    scheduler = SeriesScheduler(settings, engine, queue)
-    worker = Worker(settings, engine, queue, analyse=_analysis_with_progress)
-
-    worker_stopped = True
+    engine: Engine | None = None
+    scp: StorageSCP | None = None
+    scheduler: SeriesScheduler | None = None
+    worker: Worker | None = None
     try:
+        pacs.start()
+        settings = demo_settings(demo_dir, weights_cache, pacs.port, free_port())
+        engine = init_db(settings.database_url)
+        queue = DatabaseJobQueue(engine)
+        scp = StorageSCP(settings, engine)
+        scheduler = SeriesScheduler(settings, engine, queue)
+        worker = Worker(settings, engine, queue, analyse=_analysis_with_progress)
+
         scp.start()
         scheduler.start()
         worker.start()
@@ -560,14 +568,17 @@ def _run(demo_dir: Path, ct_folder: Path | None, timeout_s: float, configured: S
         print(format_summary(pacs, measurements, status, demo_seconds, table), flush=True)
         return 0
     finally:
-        scp.stop()
-        scheduler.stop()
-        worker_stopped = worker.stop(timeout_s=WORKER_STOP_TIMEOUT_S)
+        if scp is not None:
+            scp.stop()
+        if scheduler is not None:
+            scheduler.stop()
+        worker_stopped = worker is None or worker.stop(timeout_s=WORKER_STOP_TIMEOUT_S)
         pacs.stop()
-        engine.dispose()
+        if engine is not None:
+            engine.dispose()
         if not worker_stopped:
             # NOTE: the worker thread is still inside the analysis and keeps running until it
-            # ends; the job stays running in the demo database, which the next run resets.
+            # ends. Its job stays running in the demo database until the next run resets it.
             _say("The worker is still analysing; it stops when its analysis ends")
         _say("Demo stopped")
 

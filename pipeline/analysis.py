@@ -12,7 +12,7 @@ import numpy as np
 import torch
 
 from pipeline import preprocessing
-from pipeline.inference import ModelHandle, check_memory_budget, sliding_window_predict
+from pipeline.inference import ModelHandle, check_memory_budget, plan_tiles, sliding_window_predict
 from pipeline.labels import LIVER_LABEL, TUMOR_LABEL
 from pipeline.memory import PeakRssSampler, current_rss_mb
 from pipeline.measurements import Measurements, measure
@@ -151,10 +151,16 @@ def _segment_tumors(
     logger.info(
         "Lesion network input %s voxels of %s mm", network_input[inner_box].shape, model.voxel_size_mm
     )
+    tiled_model = model
+    if settings.fit_lesion_tiles:
+        tiled_model = plan_tiles(network_input[inner_box].shape, model)
+        logger.info("Lesion tiles %s -> %s voxels", tiled_model.input_size, tiled_model.output_size)
+    check_memory_budget(tiled_model, settings.memory_budget_mb, current_rss_mb())
+
     probabilities = np.zeros(grid, dtype=np.float32)
     probabilities[inner_box] = sliding_window_predict(
         network_input[inner_box],
-        model,
+        tiled_model,
         overlap=settings.tile_overlap,
         required=liver_region[inner_box],
     )

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import logging
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import numpy as np
 import torch
@@ -46,6 +46,47 @@ class ModelHandle:
     output_size: tuple[int, int, int]
     sha256: str
     peak_bytes_per_input_voxel: float
+
+
+def plan_tiles(extent: Sequence[int], model: ModelHandle, max_growth: float = 1.2) -> ModelHandle:
+    """Fit the output tile to a region so that it is covered with few, evenly sized tiles.
+
+    Along each axis the fewest tiles are used whose smallest valid output length covering
+    ``extent / tiles`` is at most ``max_growth`` times the default output length. Memory per
+    tile thus stays within about ``max_growth`` cubed of the default tile's, and a region
+    slightly longer than one tile no longer costs two tiles.
+
+    Parameters
+    ----------
+    extent: Sequence[int]
+        Size of the region in voxels.
+    model: ModelHandle
+        Network whose ``module`` provides ``valid_output_lengths(axis, max_input_length)``.
+    max_growth: float
+        Largest ratio of a planned output length to the default one.
+
+    Returns
+    -------
+    ModelHandle
+        A copy of ``model`` with the planned input and output tile sizes.
+    """
+    inputs, outputs = [], []
+    for axis, length in enumerate(extent):
+        length = max(1, int(length))
+        default_output = model.output_size[axis]
+        limit = max(1, int(default_output * max_growth))
+        margin = model.input_size[axis] - default_output
+        pairs = model.module.valid_output_lengths(axis, limit + margin + 1)
+        chosen = (model.input_size[axis], default_output)
+        for count in range(1, length + 1):
+            wanted = -(-length // count)
+            covering = [pair for pair in pairs if pair[1] >= wanted]
+            if covering and covering[0][1] <= limit:
+                chosen = covering[0]
+                break
+        inputs.append(chosen[0])
+        outputs.append(chosen[1])
+    return replace(model, input_size=tuple(inputs), output_size=tuple(outputs))
 
 
 def estimated_peak_mb(model: ModelHandle) -> float:

@@ -517,6 +517,28 @@ class UNet3D(nn.Module):
                 return None
         return length
 
+    def valid_output_lengths(self, axis: int, max_input_length: int) -> list[tuple[int, int]]:
+        """Return every valid ``(input length, output length)`` pair along ``axis``.
+
+        Parameters
+        ----------
+        axis : int
+            0, 1 or 2 for X, Y or Z.
+        max_input_length : int
+            Largest input length considered.
+
+        Returns
+        -------
+        list of tuple of int
+            Pairs sorted by input length.
+        """
+        pairs = []
+        for length in range(1, max_input_length + 1):
+            output = self._output_length(length, axis)
+            if output is not None and output > 0:
+                pairs.append((length, output))
+        return pairs
+
     def output_size_for(self, input_size: tuple[int, int, int]) -> Size3:
         """Return the output tile size for an input tile size ``(X, Y, Z)``.
 

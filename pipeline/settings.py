@@ -25,6 +25,10 @@ class AnalysisSettings:
         Margin added around the body bounding box, in mm (default 10).
     tile_overlap: float
         Fraction of a network output tile shared with its neighbours, 0 to < 1 (default 0.0).
+    fit_lesion_tiles: bool
+        Fit the lesion network's tiles to the liver region (default True): at most 20 % larger
+        per axis than the trained 92 x 84 x 42 output tile, fewer and evenly sized. False uses
+        the trained tile size, as the original pipeline did.
     liver_threshold: float
         Probability threshold of the liver network (default 0.5).
     tumor_threshold: float
@@ -44,6 +48,7 @@ class AnalysisSettings:
     body_threshold_hu: float = -500.0
     body_margin_mm: float = 10.0
     tile_overlap: float = 0.0
+    fit_lesion_tiles: bool = True
     liver_threshold: float = DEFAULT_THRESHOLD
     tumor_threshold: float = DEFAULT_THRESHOLD
     liver_dilation_voxels: int = 2

@@ -30,8 +30,10 @@ from dicom_io.phantom import (
     phantom_volumes_ml,
 )
 from dicom_io.sr_writer import read_sr_measurements
+from dicom_io.series import load_series
 from node.config import load_settings
-from node.demo import DEMO_MARKER, run_demo
+from node.demo import DEMO_MARKER, prepare_series, run_demo
+from tests.conftest import TOTALSEG, require_shared
 
 #: Volumes are counted on a voxel grid, so they match the documented values to rounding.
 VOLUME_TOLERANCE_ML = 0.05
@@ -132,6 +134,20 @@ def test_demo_missing_ct_folder(tmp_path, capsys):
 
     assert status == 1
     assert "absent not found" in capsys.readouterr().err
+
+
+def test_demo_assigns_blank_uids(tmp_path, capsys):
+    # The real slab's de-identification left Study, Series and SOP Instance UIDs empty.
+    source = require_shared(TOTALSEG / "ct-dicom")
+
+    files = prepare_series(source, tmp_path / "input")
+    series = load_series(files[0].parent)
+
+    assert len(files) == len(list(source.iterdir()))
+    assert all(path.parent == tmp_path / "input" / "with-uids" for path in files)
+    assert series.missing_uid_attributes() == []
+    assert "assigning UIDs" in capsys.readouterr().err
+    assert not str(pydicom.dcmread(sorted(source.iterdir())[0], stop_before_pixels=True).SeriesInstanceUID)
 
 
 def _printed_number(output: str, label: str) -> float:

@@ -12,7 +12,13 @@ import pytest
 import torch
 
 from pipeline.analysis import _to_ras
-from pipeline.inference import MemoryBudgetError, ModelHandle, check_memory_budget, sliding_window_predict
+from pipeline.inference import (
+    MemoryBudgetError,
+    ModelHandle,
+    check_memory_budget,
+    plan_tiles,
+    sliding_window_predict,
+)
 from pipeline.measurements import measure
 from pipeline.memory import PeakRssSampler, current_rss_mb
 from pipeline.postprocessing import dilate_liver, largest_liver_region, remove_small_components
@@ -189,3 +195,28 @@ def test_peak_rss_sampler() -> None:
         block = np.ones(64 * 2**20 // 8)  # 64 MiB
         block.sum()
     assert sampler.peak_mb >= before + 50
+
+
+def test_plan_tiles_fits_lesion_region() -> None:
+    from pipeline.networks import LesionUNet
+
+    module = LesionUNet()
+    handle = ModelHandle(
+        name="lesion",
+        module=module,
+        voxel_size_mm=(1.0, 1.0, 3.0),
+        input_size=module.default_input_size,
+        output_size=module.default_output_size,
+        sha256="0" * 64,
+        peak_bytes_per_input_voxel=460.0,
+    )
+    planned = plan_tiles((223, 190, 46), handle)
+    assert planned.output_size[2] >= 46
+    assert planned.output_size[2] <= int(42 * 1.2)
+    assert planned.output_size[0] * 3 >= 223
+    assert planned.output_size[0] <= 92
+    assert module.output_size_for(planned.input_size) == planned.output_size
+
+    small = plan_tiles((10, 10, 5), handle)
+    assert all(out >= n for out, n in zip(small.output_size, (10, 10, 5)))
+    assert module.output_size_for(small.input_size) == small.output_size
