@@ -35,6 +35,7 @@ from dicom_io.seg_writer import (
     TUMOR_SEGMENT_NUMBER,
     save_atomically,
     specific_character_set_of,
+    with_type2_source_attributes,
 )
 from dicom_io.series import CTSeries
 
@@ -258,7 +259,7 @@ def write_sr(
     with warnings.catch_warnings():
         warnings.filterwarnings("ignore", message=PERSON_NAME_WARNING_PATTERN)
         sr = hd.sr.Comprehensive3DSR(
-            evidence=[*series.datasets, seg],
+            evidence=[*with_type2_source_attributes(series.datasets), seg],
             content=report,
             series_instance_uid=series_instance_uid,
             series_number=series_number,

@@ -494,6 +494,11 @@ def test_seg_source_without_type2_attributes(tmp_path):
     assert all("PatientBirthDate" not in dataset for dataset in series.datasets)
     assert all("PatientSex" not in dataset for dataset in series.datasets)
 
+    measurements = {"liver_volume_ml": 1.5, "tumor_volume_ml": 0.0, "tumor_burden_percent": 0.0}
+    write_sr(series, written, measurements, tmp_path / "sr.dcm", algorithm_name=ALGORITHM_NAME, algorithm_version=ALGORITHM_VERSION)
+    assert pydicom.dcmread(tmp_path / "sr.dcm").PatientBirthDate == ""
+    assert read_sr_measurements(tmp_path / "sr.dcm") == pytest.approx(measurements)
+
 
 def test_seg_omits_empty_frames_on_request(synthetic_series_dir, tmp_path):
     folder, _ = synthetic_series_dir
