@@ -220,3 +220,18 @@ def test_plan_tiles_fits_lesion_region() -> None:
     small = plan_tiles((10, 10, 5), handle)
     assert all(out >= n for out, n in zip(small.output_size, (10, 10, 5)))
     assert module.output_size_for(small.input_size) == small.output_size
+
+
+def test_liver_input_median_only_for_fine_voxels() -> None:
+    from pipeline.preprocessing import liver_network_input
+
+    rng = np.random.default_rng(3)
+    coarse = rng.normal(40.0, 30.0, size=(20, 20, 10)).astype(np.float32)
+    # Voxels already at the network's 3 mm: no median filter, values only normalised.
+    assert np.allclose(liver_network_input(coarse, (3.0, 3.0, 3.0), (3.0, 3.0, 3.0)), normalise_ct(coarse))
+
+    fine = rng.normal(40.0, 30.0, size=(40, 40, 20)).astype(np.float32)
+    filtered = liver_network_input(fine, (0.75, 0.75, 1.5), (3.0, 3.0, 3.0))
+    assert filtered.shape == (10, 10, 10)
+    # The median filter removes most of the noise that plain averaging would leave.
+    assert filtered.std() < normalise_ct(fine).std() / 2
