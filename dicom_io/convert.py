@@ -9,10 +9,12 @@ index ``i`` runs along the columns of a slice (the row direction cosine), ``j`` 
 from __future__ import annotations
 
 import logging
+from collections.abc import Callable
 
 import dicom2nifti.convert_dicom
 import nibabel as nib
 import numpy as np
+from pydicom.dataset import Dataset
 from pydicom.pixels import apply_rescale
 
 from dicom_io.errors import ConversionError
@@ -25,6 +27,12 @@ LPS_TO_RAS = np.diag([-1.0, -1.0, 1.0, 1.0])
 # Maximum distance in mm between the volume corners placed by dicom2nifti's affine and by the
 # affine built here. Beyond it, the conversion falls back to the affine built here.
 AFFINE_AGREEMENT_TOLERANCE_MM = 0.05
+
+#: Percentile of the slice steps used as the step of the regular grid for irregular series.
+GRID_STEP_PERCENTILE = 10
+
+#: HU given to padding pixels (PixelPaddingValue): air.
+PADDING_HU = -1024.0
 
 # A source pixel centre may lie this far (in voxels) from the nearest voxel centre before
 # labels_to_source_frames reports that the label grid does not match the series.
@@ -69,13 +77,92 @@ def native_affine_ras(series: CTSeries) -> np.ndarray:
     return LPS_TO_RAS @ affine_lps
 
 
+def slice_hu(dataset: Dataset) -> np.ndarray:
+    """Decode one slice and return its HU as a float32 ``(rows, columns)`` array.
+
+    The modality LUT (RescaleSlope, RescaleIntercept) is applied to the stored values, which
+    pydicom reads as signed or unsigned from PixelRepresentation and masks to BitsStored.
+    Pixels equal to PixelPaddingValue, or between it and PixelPaddingRangeLimit, lie outside
+    the reconstructed field and become :data:`PADDING_HU` (air) instead of their rescaled value.
+    """
+    stored = dataset.pixel_array
+    hu = np.asarray(apply_rescale(stored, dataset), dtype=np.float32)
+
+    padding = dataset.get("PixelPaddingValue")
+    if padding is not None:
+        limit = dataset.get("PixelPaddingRangeLimit")
+        padding_value = int(padding)
+        if limit is None:
+            padded = stored == padding_value
+        else:
+            low, high = sorted((padding_value, int(limit)))
+            padded = (stored >= low) & (stored <= high)
+        hu[padded] = PADDING_HU
+    return hu
+
+
 def _native_volume_hu(series: CTSeries) -> np.ndarray:
     """Decode every slice and apply the modality LUT, giving a ``(columns, rows, slices)`` array."""
     volume = np.empty((series.columns, series.rows, len(series.datasets)), dtype=np.float32)
     for k, dataset in enumerate(series.datasets):
-        pixels = apply_rescale(dataset.pixel_array, dataset)
-        volume[:, :, k] = np.asarray(pixels, dtype=np.float32).T
+        volume[:, :, k] = slice_hu(dataset).T
     return volume
+
+
+def regular_grid_positions(series: CTSeries) -> np.ndarray:
+    """Return the slice positions along the normal of the regular grid for ``series``.
+
+    The grid runs from the first to the last source slice. Its step is close to the finest
+    regular step of the series (the 10th percentile of the slice steps, which ignores a few
+    jittered steps), so source slices of a series with missing slices or with a fine and a
+    coarse part land exactly on grid positions.
+    """
+    first, last = float(series.positions_mm[0]), float(series.positions_mm[-1])
+    fine_step = float(np.percentile(np.diff(series.positions_mm), GRID_STEP_PERCENTILE))
+    steps = max(int(round((last - first) / fine_step)), 1)
+    return np.linspace(first, last, steps + 1)
+
+
+def _resampled_volume_hu(series: CTSeries, grid_positions: np.ndarray) -> np.ndarray:
+    """Interpolate the source slices linearly along the normal at ``grid_positions``."""
+    source = series.positions_mm
+    volume = np.empty((series.columns, series.rows, len(grid_positions)), dtype=np.float32)
+    # Grid positions ascend, so only the two source slices around the current one are kept.
+    cache: dict[int, np.ndarray] = {}
+
+    def hu_of(index: int) -> np.ndarray:
+        if index not in cache:
+            for stale in [key for key in cache if key < index - 1]:
+                del cache[stale]
+            cache[index] = slice_hu(series.datasets[index]).T
+        return cache[index]
+
+    for k, position in enumerate(grid_positions):
+        upper = int(np.clip(np.searchsorted(source, position), 1, len(source) - 1))
+        lower = upper - 1
+        span = source[upper] - source[lower]
+        weight = float(np.clip((position - source[lower]) / span, 0.0, 1.0))
+        if weight < 1e-6:
+            volume[:, :, k] = hu_of(lower)
+        elif weight > 1.0 - 1e-6:
+            volume[:, :, k] = hu_of(upper)
+        else:
+            volume[:, :, k] = (1.0 - weight) * hu_of(lower) + weight * hu_of(upper)
+    return volume
+
+
+def _regular_affine_ras(series: CTSeries, grid_positions: np.ndarray) -> np.ndarray:
+    """RAS affine of the regular grid: the native in-plane axes and a uniform slice step.
+
+    The slice step follows the line from the first to the last slice origin, so a sheared
+    (gantry-tilted) stack keeps its shear.
+    """
+    affine = native_affine_ras(series)
+    first = np.asarray(series.datasets[0].ImagePositionPatient, dtype=float)
+    last = np.asarray(series.datasets[-1].ImagePositionPatient, dtype=float)
+    step_lps = (last - first) / max(len(grid_positions) - 1, 1)
+    affine[:3, 2] = LPS_TO_RAS[:3, :3] @ step_lps
+    return affine
 
 
 def _corner_distance_mm(affine_a: np.ndarray, affine_b: np.ndarray, shape: tuple[int, ...]) -> float:
@@ -130,14 +217,32 @@ def _convert_with_dicom2nifti(series: CTSeries, native_affine: np.ndarray) -> ni
     return nib.Nifti1Image(data, expected.affine)
 
 
+def _decode_and_place(
+    series: CTSeries, decode: Callable[[], np.ndarray], affine: np.ndarray
+) -> nib.Nifti1Image:
+    try:
+        volume = decode()
+    except Exception as error:  # pixel data handlers raise many exception types
+        raise ConversionError(
+            f"Could not decode the pixel data of series {series.series_instance_uid or '<no UID>'} "
+            f"({type(error).__name__}: {error}). Check that a decoder for transfer syntax "
+            f"{series.datasets[0].file_meta.TransferSyntaxUID} is installed (pylibjpeg plugins)."
+        ) from error
+    image = nib.as_closest_canonical(nib.Nifti1Image(volume, affine))
+    return nib.Nifti1Image(np.asarray(image.dataobj, dtype=np.float32), image.affine)
+
+
 def series_to_nifti(series: CTSeries) -> nib.Nifti1Image:
     """Convert a validated CT series to a RAS+ NIfTI image of Hounsfield units.
 
-    dicom2nifti builds the volume first. Its result is used only when its shape and affine agree
-    with the geometry of ``series``. Otherwise the volume is decoded here and placed with
-    :func:`native_affine_ras`, for example for series with fewer than four slices or with
-    non-uniform slice spacing, which dicom2nifti 2.6 rejects. Either way the modality LUT
-    (RescaleSlope and RescaleIntercept) is applied once.
+    A series whose slice steps are not uniform (a missing slice, mixed spacing; see
+    :attr:`CTSeries.is_uniform`) is resampled here onto the regular grid of
+    :func:`regular_grid_positions` by linear interpolation along the slice normal; :func:`labels_to_source_frames` maps labels on that
+    grid back to each source slice by its own position. For a uniform series dicom2nifti
+    builds the volume first, and its result is used only when its shape and affine agree
+    with the geometry of ``series``. Otherwise, and for series with PixelPaddingValue, the
+    volume is decoded here and placed with :func:`native_affine_ras`. Either way the modality
+    LUT (RescaleSlope and RescaleIntercept) is applied once and padding pixels become air.
 
     Parameters
     ----------
@@ -155,21 +260,23 @@ def series_to_nifti(series: CTSeries) -> nib.Nifti1Image:
         When the pixel data of a slice cannot be decoded.
     """
     native_affine = native_affine_ras(series)
-    image = _convert_with_dicom2nifti(series, native_affine)
+    image = None
     method = "dicom2nifti"
+    if not series.is_uniform:
+        method = "resampled"
+        grid_positions = regular_grid_positions(series)
+        image = _decode_and_place(
+            series, lambda: _resampled_volume_hu(series, grid_positions), _regular_affine_ras(series, grid_positions)
+        )
+    elif any("PixelPaddingValue" in dataset for dataset in series.datasets):
+        # dicom2nifti 2.6 rescales padding pixels like tissue; decode here to map them to air.
+        method = "direct"
+    else:
+        image = _convert_with_dicom2nifti(series, native_affine)
 
     if image is None:
         method = "direct"
-        try:
-            volume = _native_volume_hu(series)
-        except Exception as error:  # pixel data handlers raise many exception types
-            raise ConversionError(
-                f"Could not decode the pixel data of series {series.series_instance_uid or '<no UID>'} "
-                f"({type(error).__name__}: {error}). Check that a decoder for transfer syntax "
-                f"{series.datasets[0].file_meta.TransferSyntaxUID} is installed (pylibjpeg plugins)."
-            ) from error
-        image = nib.as_closest_canonical(nib.Nifti1Image(volume, native_affine))
-        image = nib.Nifti1Image(np.asarray(image.dataobj, dtype=np.float32), image.affine)
+        image = _decode_and_place(series, lambda: _native_volume_hu(series), native_affine)
 
     image.header.set_xyzt_units("mm")
     image.header.set_data_dtype(np.float32)

@@ -3,12 +3,12 @@
 The phantom is a RAS volume of Hounsfield units in the portal venous phase of a contrast-enhanced
 CT, which is how most clinical abdominal CTs are acquired. It reaches from the lung bases to
 below the kidneys. An elliptic body has a subcutaneous fat layer, an abdominal wall of muscle
-and back muscles. Inside lie intra-abdominal fat, the liver with portal and hepatic veins and
-three hypodense lesions, the gallbladder, spleen, stomach with an air pocket, pancreas, kidneys
-with a brighter cortex, aorta, inferior vena cava, psoas muscles, bowel loops with fluid and air,
-vertebrae with a cortical shell and marrow, ribs, and the heart and lung bases above the domed
-diaphragm. A patient table lies below the back. The liver sits under the right hemidiaphragm,
-which is at low x because +x is patient left in RAS. Edges are slightly blurred and correlated
+and back muscles. Inside lie intra-abdominal fat and the liver with portal and hepatic veins and
+three hypodense lesions. Around the liver lie the gallbladder, spleen, stomach with an air
+pocket, pancreas, kidneys with a brighter cortex, aorta, inferior vena cava, psoas muscles and
+bowel loops with fluid and air. Vertebrae have a cortical shell and marrow, ribs circle the upper
+abdomen, and the heart and lung bases lie above the domed diaphragm. A patient table lies below the back. The liver sits under the right hemidiaphragm,
+which is at high x because +x points to the patient's right in RAS. Edges are slightly blurred and correlated
 Gaussian noise is added, as in a reconstructed CT.
 
 Known volumes on the default grid (192 x 192 x 96 voxels of 2.0 x 2.0 x 2.5 mm), counted from
@@ -18,10 +18,10 @@ Liver parenchyma includes the intrahepatic vessels, as in clinical liver segment
 ==================================  ==========
 Structure                           Volume
 ==================================  ==========
-Whole liver (parenchyma + lesions)  1362.96 mL
-Liver parenchyma                    1348.44 mL
+Whole liver (parenchyma + lesions)  1240.27 mL
+Liver parenchyma                    1225.75 mL
 Lesions, 3 of 18, 20 and 24 mm      14.52 mL
-Lesion volume / whole liver         1.07 %
+Lesion volume / whole liver         1.17 %
 ==================================  ==========
 
 The anatomy is defined in millimetres around the grid centre, so other grids give the same
@@ -121,6 +121,11 @@ class Ellipsoid:
         (cx, cy, cz), (a, b, c) = self.centre_mm, self.semi_axes_mm
         return np.sqrt(((x - cx) / a) ** 2 + ((y - cy) / b) ** 2 + ((z - cz) / c) ** 2)
 
+    def bounds(self) -> tuple[np.ndarray, np.ndarray]:
+        """Return the lowest and highest corner in mm of the bounding box."""
+        centre, semi_axes = np.asarray(self.centre_mm), np.asarray(self.semi_axes_mm)
+        return centre - semi_axes, centre + semi_axes
+
 
 @dataclass(frozen=True)
 class Tube:
@@ -142,6 +147,28 @@ class Tube:
         )
         return distance_sq <= self.radius_mm**2
 
+    def bounds(self) -> tuple[np.ndarray, np.ndarray]:
+        """Return the lowest and highest corner in mm of the bounding box."""
+        ends = np.asarray([self.start_mm, self.end_mm])
+        return ends.min(axis=0) - self.radius_mm, ends.max(axis=0) + self.radius_mm
+
+
+Coordinates = tuple[np.ndarray, np.ndarray, np.ndarray]
+
+
+def _bounding_box(shape: Ellipsoid | Tube, coordinates: Coordinates) -> tuple[tuple[slice, ...], Coordinates]:
+    """Return the voxel slices around ``shape`` and the coordinates inside them.
+
+    Shapes are evaluated inside their box only, which keeps the phantom fast to build.
+    """
+    low, high = shape.bounds()
+    box = []
+    for axis, (axis_coordinates, lowest, highest) in enumerate(zip(coordinates, low, high)):
+        values = axis_coordinates.ravel()
+        box.append(slice(int(np.searchsorted(values, lowest)), int(np.searchsorted(values, highest, side="right"))))
+    x, y, z = coordinates
+    return tuple(box), (x[box[0]], y[:, box[1]], z[:, :, box[2]])
+
 
 # Body cross-section (x, y) in mm, through the whole z range. Layers are measured inwards.
 BODY_CENTRE_MM = (0.0, 10.0)
@@ -157,11 +184,11 @@ TABLE_HALF_WIDTH_MM = 180.0
 
 # Diaphragm: two domes, the right one higher, whose height falls off quadratically towards the
 # body wall, more steeply posterior to the dome centre. Lungs and heart lie above it.
-DIAPHRAGM_DOMES_MM = ((-70.0, -5.0, 85.0), (70.0, -5.0, 72.0))  # (x, y, top z): right, left
+DIAPHRAGM_DOMES_MM = ((70.0, -5.0, 85.0), (-70.0, -5.0, 72.0))  # (x, y, top z): right, left
 DIAPHRAGM_DROP_MM = 95.0
 DIAPHRAGM_RADII_MM = (115.0, 150.0, 95.0)  # x, anterior y, posterior y
 DIAPHRAGM_THICKNESS_MM = 5.0
-HEART = Ellipsoid(centre_mm=(20.0, 35.0, 125.0), semi_axes_mm=(65.0, 55.0, 55.0))
+HEART = Ellipsoid(centre_mm=(-20.0, 35.0, 125.0), semi_axes_mm=(65.0, 55.0, 55.0))
 
 # Spine: vertebral bodies with a cortical shell, the spinal canal and the posterior elements.
 VERTEBRA_CENTRE_MM = (0.0, -48.0)
@@ -184,49 +211,53 @@ PSOAS_GROWTH = 0.2  # mm of radius per mm below the top
 PSOAS_MAX_RADIUS_MM = 24.0
 
 # Ribs: seven pairs of arcs that start beside the spine at RIB_TOPS_MM and fall by RIB_FALL_MM
-# towards the front; they stop short of the anterior midline, where the costal cartilage is.
+# towards the front. They stop short of the anterior midline, where the costal cartilage is.
 RIB_TOPS_MM = (150.0, 125.0, 100.0, 75.0, 50.0, 25.0, 0.0)
 RIB_FALL_MM = 60.0
 RIB_HALF_HEIGHT_MM = 5.0
 RIB_ANGLE_RANGE = (0.15, 0.72)  # fraction of pi from the posterior midline
 
-AORTA = Tube(start_mm=(18.0, -15.0, -200.0), end_mm=(18.0, -15.0, 200.0), radius_mm=12.0)
-INFERIOR_VENA_CAVA = Ellipsoid(centre_mm=(-25.0, -10.0, 0.0), semi_axes_mm=(14.0, 11.0, 1.0e6))
+AORTA = Tube(start_mm=(-18.0, -15.0, -200.0), end_mm=(-18.0, -15.0, 200.0), radius_mm=12.0)
+INFERIOR_VENA_CAVA = Ellipsoid(centre_mm=(25.0, -10.0, 0.0), semi_axes_mm=(14.0, 11.0, 1.0e6))
 
 KIDNEYS = (
-    Ellipsoid(centre_mm=(-72.0, -45.0, -40.0), semi_axes_mm=(26.0, 22.0, 52.0)),  # right
-    Ellipsoid(centre_mm=(72.0, -45.0, -25.0), semi_axes_mm=(26.0, 22.0, 52.0)),  # left
+    Ellipsoid(centre_mm=(72.0, -45.0, -40.0), semi_axes_mm=(26.0, 22.0, 52.0)),  # right
+    Ellipsoid(centre_mm=(-72.0, -45.0, -25.0), semi_axes_mm=(26.0, 22.0, 52.0)),  # left
 )
 KIDNEY_CORTEX_MM = 6.0
-SPLEEN = Ellipsoid(centre_mm=(102.0, -30.0, 40.0), semi_axes_mm=(28.0, 52.0, 55.0))
-STOMACH = Ellipsoid(centre_mm=(55.0, 40.0, 35.0), semi_axes_mm=(42.0, 38.0, 50.0))
+SPLEEN = Ellipsoid(centre_mm=(-102.0, -30.0, 40.0), semi_axes_mm=(28.0, 52.0, 55.0))
+STOMACH = Ellipsoid(centre_mm=(-55.0, 40.0, 35.0), semi_axes_mm=(42.0, 38.0, 50.0))
 STOMACH_AIR_ABOVE_Y_MM = 55.0  # the patient lies supine, so gas rises to the anterior side
 WALL_MM = 4.0
-PANCREAS = Tube(start_mm=(-15.0, 15.0, -5.0), end_mm=(85.0, -10.0, 15.0), radius_mm=12.0)
-GALLBLADDER = Ellipsoid(centre_mm=(-48.0, 55.0, -20.0), semi_axes_mm=(17.0, 17.0, 35.0))
+PANCREAS = Tube(start_mm=(15.0, 15.0, -5.0), end_mm=(-85.0, -10.0, 15.0), radius_mm=12.0)
+GALLBLADDER = Ellipsoid(centre_mm=(50.0, 55.0, -30.0), semi_axes_mm=(15.0, 15.0, 30.0))
 
-# Liver: the space under the right hemidiaphragm, bounded by the body wall, a left border that
-# reaches further left anteriorly (the left lobe), a posterior border and an inferior surface
-# that slopes up from the right lobe's tip towards the left lobe.
-LIVER_LEFT_BORDER_MM = (-20.0, 0.6)  # x at y = 0 and dx/dy
-LIVER_POSTERIOR_BORDER_MM = (-75.0, -30.0, -60.0, -15.0)  # y lateral, y medial; x from, x to
-LIVER_INFERIOR_SURFACE_MM = (-80.0, -140.0, 0.55, 0.1)  # z at x0, x0, dz/dx, dz/dy
+# Liver: the space under the right hemidiaphragm, inside the body wall. Its left border reaches
+# further left anteriorly, which forms the left lobe. Its inferior surface slopes up from the
+# right lobe's tip towards the left lobe, and a posterior border keeps it off the spine.
+LIVER_LEFT_BORDER_MM = (20.0, -0.6)  # x at y = 0 and dx/dy
+LIVER_POSTERIOR_BORDER_MM = (-75.0, -30.0, 60.0, 15.0)  # y lateral, y medial; x from, x to
+LIVER_INFERIOR_SURFACE_MM = (-92.0, 140.0, -0.55, 0.1)  # z at x0, x0, dz/dx, dz/dy
+# Extraperitoneal and perirenal fat between the liver and the abdominal wall and kidneys.
+LIVER_FAT_GAP_MM = 4.0
+# The cut surfaces above meet in sharp edges, so a Gaussian blur of the region rounds them.
+LIVER_ROUNDING_SD_MM = 5.0
 PORTAL_VEINS = (
-    Tube((-5.0, 5.0, -15.0), (-30.0, 15.0, 8.0), 7.0),  # main portal vein
-    Tube((-30.0, 15.0, 8.0), (-85.0, 10.0, 15.0), 5.0),  # right branch
-    Tube((-85.0, 10.0, 15.0), (-120.0, -5.0, -5.0), 3.5),
-    Tube((-85.0, 10.0, 15.0), (-105.0, 25.0, 50.0), 3.5),
-    Tube((-30.0, 15.0, 8.0), (5.0, 45.0, 25.0), 4.0),  # left branch
+    Tube((5.0, 5.0, -15.0), (30.0, 15.0, 8.0), 7.0),  # main portal vein
+    Tube((30.0, 15.0, 8.0), (85.0, 10.0, 15.0), 5.0),  # right branch
+    Tube((85.0, 10.0, 15.0), (120.0, -5.0, -5.0), 3.5),
+    Tube((85.0, 10.0, 15.0), (105.0, 25.0, 50.0), 3.5),
+    Tube((30.0, 15.0, 8.0), (-5.0, 45.0, 25.0), 4.0),  # left branch
 )
 HEPATIC_VEINS = (
-    Tube((-25.0, -12.0, 72.0), (-115.0, 5.0, 35.0), 5.0),  # right
-    Tube((-25.0, -12.0, 72.0), (-55.0, 45.0, 20.0), 4.0),  # middle
-    Tube((-25.0, -12.0, 72.0), (10.0, 35.0, 50.0), 3.5),  # left
+    Tube((25.0, -12.0, 72.0), (115.0, 5.0, 35.0), 5.0),  # right
+    Tube((25.0, -12.0, 72.0), (55.0, 45.0, 20.0), 4.0),  # middle
+    Tube((25.0, -12.0, 72.0), (-10.0, 35.0, 50.0), 3.5),  # left
 )
 LESIONS = (
-    Ellipsoid(centre_mm=(-95.0, 40.0, 40.0), semi_axes_mm=(10.0, 10.0, 10.0)),
-    Ellipsoid(centre_mm=(-60.0, -35.0, 35.0), semi_axes_mm=(9.0, 9.0, 9.0)),
-    Ellipsoid(centre_mm=(-110.0, 20.0, -15.0), semi_axes_mm=(12.0, 12.0, 12.0)),
+    Ellipsoid(centre_mm=(95.0, 40.0, 40.0), semi_axes_mm=(10.0, 10.0, 10.0)),
+    Ellipsoid(centre_mm=(60.0, -35.0, 35.0), semi_axes_mm=(9.0, 9.0, 9.0)),
+    Ellipsoid(centre_mm=(95.0, 20.0, -15.0), semi_axes_mm=(12.0, 12.0, 12.0)),
 )
 
 # Bowel: loops of BOWEL_LOOP_COUNT round segments drawn with a fixed seed in the lower abdomen,
@@ -237,15 +268,15 @@ BOWEL_RADIUS_MM = (11.0, 18.0)
 BOWEL_TOP_Z_MM = 15.0
 BOWEL_GAP_MM = 3.0
 COLON = (
-    Tube((-110.0, 0.0, -200.0), (-110.0, 10.0, -30.0), 22.0),  # ascending
-    Tube((-110.0, 10.0, -30.0), (100.0, 45.0, -20.0), 20.0),  # transverse
-    Tube((110.0, 0.0, -200.0), (100.0, 10.0, 5.0), 20.0),  # descending
+    Tube((110.0, 0.0, -200.0), (110.0, 10.0, -30.0), 22.0),  # ascending
+    Tube((110.0, 10.0, -30.0), (-100.0, 45.0, -20.0), 20.0),  # transverse
+    Tube((-110.0, 0.0, -200.0), (-100.0, 10.0, 5.0), 20.0),  # descending
 )
 
 #: Volumes in mL on the default grid, counted from the tissue map.
 DEFAULT_PHANTOM_VOLUMES_ML = {
-    "liver_whole": 1362.96,
-    "liver_parenchyma": 1348.44,
+    "liver_whole": 1240.27,
+    "liver_parenchyma": 1225.75,
     "lesions": 14.52,
 }
 DEFAULT_PHANTOM_LESION_COUNT = len(LESIONS)
@@ -294,17 +325,34 @@ def _diaphragm_height(x: np.ndarray, y: np.ndarray) -> np.ndarray:
     return height.astype(np.float32)
 
 
-def _liver_region(x: np.ndarray, y: np.ndarray, z: np.ndarray, below_diaphragm: np.ndarray) -> np.ndarray:
+def _liver_region(
+    x: np.ndarray,
+    y: np.ndarray,
+    z: np.ndarray,
+    below_diaphragm: np.ndarray,
+    spacing_mm: tuple[float, float, float],
+) -> np.ndarray:
     """Return the space the liver may fill; organs painted before it are kept."""
     left_x, left_slope = LIVER_LEFT_BORDER_MM
     lateral_y, medial_y, ramp_from_x, ramp_to_x = LIVER_POSTERIOR_BORDER_MM
     inferior_z, inferior_x, slope_x, slope_y = LIVER_INFERIOR_SURFACE_MM
 
-    left_border = x <= left_x + left_slope * y
+    left_border = x >= left_x + left_slope * y
     ramp = np.clip((x - ramp_from_x) / (ramp_to_x - ramp_from_x), 0.0, 1.0)
     posterior_border = y >= lateral_y + (medial_y - lateral_y) * ramp
     inferior_surface = z >= inferior_z + slope_x * (x - inferior_x) + slope_y * y
-    return below_diaphragm & left_border & posterior_border & inferior_surface
+    inside_wall = _inside_body_ellipse(x, y, SUBCUTANEOUS_FAT_MM + ABDOMINAL_WALL_MM + LIVER_FAT_GAP_MM)
+    region = left_border & posterior_border & inferior_surface & inside_wall
+    if region.any():
+        rounded = ndimage.gaussian_filter(
+            region.astype(np.float32), _blur_sigma_voxels(LIVER_ROUNDING_SD_MM, spacing_mm), mode="nearest"
+        )
+        region = rounded >= 0.5
+    region &= below_diaphragm
+    for kidney in KIDNEYS:
+        grown = Ellipsoid(kidney.centre_mm, tuple(s + LIVER_FAT_GAP_MM for s in kidney.semi_axes_mm))
+        region &= ~grown.contains(x, y, z)
+    return region
 
 
 def _paint(tissues: np.ndarray, mask: np.ndarray, tissue: Tissue, over: tuple[Tissue, ...] | None = None) -> None:
@@ -396,11 +444,12 @@ def _paint_bowel(tissues: np.ndarray, x: np.ndarray, y: np.ndarray, z: np.ndarra
     free &= np.broadcast_to(cavity, tissues.shape)
 
     for colon in COLON:
-        inside = colon.contains(x, y, z)
-        narrow = Tube(colon.start_mm, colon.end_mm, colon.radius_mm - WALL_MM).contains(x, y, z)
-        gas = y >= (colon.start_mm[1] + colon.end_mm[1]) / 2.0 - 4.0
-        _paint_hollow_organ(tissues, inside & free, inside & ~narrow, gas)
-    free &= tissues == Tissue.FAT
+        box, (bx, by, bz) = _bounding_box(colon, (x, y, z))
+        inside = colon.contains(bx, by, bz) & free[box]
+        narrow = Tube(colon.start_mm, colon.end_mm, colon.radius_mm - WALL_MM).contains(bx, by, bz)
+        gas = by >= (colon.start_mm[1] + colon.end_mm[1]) / 2.0 - 4.0
+        _paint_hollow_organ(tissues[box], inside, inside & ~narrow, gas)
+        free[box] &= ~inside
 
     generator = np.random.default_rng(BOWEL_SEED)
     (cx, cy), (a, b) = BODY_CENTRE_MM, BODY_SEMI_AXES_MM
@@ -413,19 +462,20 @@ def _paint_bowel(tissues: np.ndarray, x: np.ndarray, y: np.ndarray, z: np.ndarra
         end = tuple(c + d for c, d in zip(centre, generator.normal(0.0, 25.0, size=3)))
         radius = generator.uniform(*BOWEL_RADIUS_MM)
         loop = Tube(centre, end, radius)
-        inside = loop.contains(x, y, z) & free
+        box, (bx, by, bz) = _bounding_box(loop, (x, y, z))
+        inside = loop.contains(bx, by, bz) & free[box]
         if not inside.any():
             continue
-        lumen = Tube(centre, end, radius - WALL_MM).contains(x, y, z)
+        lumen = Tube(centre, end, radius - WALL_MM).contains(bx, by, bz)
         content = generator.uniform()
         if content < 0.5:
             gas = np.zeros((1, 1, 1), dtype=bool)
         elif content < 0.75:
             gas = np.ones((1, 1, 1), dtype=bool)
         else:
-            gas = y >= (centre[1] + end[1]) / 2.0
-        _paint_hollow_organ(tissues, inside, inside & ~lumen, gas)
-        free &= ~inside
+            gas = by >= (centre[1] + end[1]) / 2.0
+        _paint_hollow_organ(tissues[box], inside, inside & ~lumen, gas)
+        free[box] &= ~inside
 
 
 def abdomen_phantom_tissues(
@@ -437,7 +487,7 @@ def abdomen_phantom_tissues(
     Parameters
     ----------
     shape: tuple[int, int, int]
-        Grid size in voxels along x (to patient left), y (to anterior) and z (to superior).
+        Grid size in voxels along x (to patient right), y (to anterior) and z (to superior).
     spacing_mm: tuple[float, float, float]
         Voxel size in mm along x, y and z.
 
@@ -490,11 +540,13 @@ def abdomen_phantom_tissues(
 
     # The liver fills the fat left in its region, so the organs above stay whole. Its vessels
     # and lesions are painted inside it only.
-    _paint(tissues, _liver_region(x, y, z, below), Tissue.LIVER, over=(Tissue.FAT,))
+    _paint(tissues, _liver_region(x, y, z, below, spacing_mm), Tissue.LIVER, over=(Tissue.FAT,))
     for vein in (*PORTAL_VEINS, *HEPATIC_VEINS):
-        _paint(tissues, vein.contains(x, y, z), Tissue.LIVER_VESSEL, over=(Tissue.LIVER,))
+        box, (bx, by, bz) = _bounding_box(vein, (x, y, z))
+        _paint(tissues[box], vein.contains(bx, by, bz), Tissue.LIVER_VESSEL, over=(Tissue.LIVER,))
     for lesion in LESIONS:
-        _paint(tissues, lesion.contains(x, y, z), Tissue.LESION, over=(Tissue.LIVER,))
+        box, (bx, by, bz) = _bounding_box(lesion, (x, y, z))
+        _paint(tissues[box], lesion.contains(bx, by, bz), Tissue.LESION, over=(Tissue.LIVER,))
 
     _paint_bowel(tissues, x, y, z, spacing_mm)
     return tissues

@@ -8,6 +8,8 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import pydicom
+from pydicom.dataset import Dataset
+from pydicom.uid import UID, ExplicitVRLittleEndian, ImplicitVRLittleEndian
 from pynetdicom import AE, evt
 from pynetdicom.association import Association
 from pynetdicom.pdu_primitives import A_ASSOCIATE
@@ -21,6 +23,10 @@ STATUS_SUCCESS = 0x0000
 
 # A presentation context carries one abstract syntax; an association carries at most 128.
 MAX_PRESENTATION_CONTEXTS = 128
+
+#: Uncompressed transfer syntaxes proposed for every SOP class besides the files' own, in
+#: order of preference. Implicit VR Little Endian is the default every SCP must accept.
+FALLBACK_TRANSFER_SYNTAXES = (ExplicitVRLittleEndian, ImplicitVRLittleEndian)
 
 
 @dataclass(frozen=True)
@@ -82,13 +88,19 @@ def _read_header(path: Path) -> _FileHeader:
     return _FileHeader(path, sop_class_uid, sop_instance_uid, transfer_syntax_uid)
 
 
-def _requested_contexts(headers: Sequence[_FileHeader]) -> dict[str, list[str]]:
-    """Map each SOP class to the transfer syntaxes of the files that use it."""
-    contexts: dict[str, list[str]] = {}
+def _requested_contexts(headers: Sequence[_FileHeader]) -> list[tuple[str, str]]:
+    """Return the (SOP class, transfer syntax) pairs to propose, one presentation context each.
+
+    Each SOP class is proposed with the transfer syntax of every file that uses it, plus the
+    uncompressed :data:`FALLBACK_TRANSFER_SYNTAXES`. Separate contexts let the peer accept
+    the stored syntax and a fallback independently; a file whose own syntax is not accepted
+    is decoded and sent uncompressed.
+    """
+    contexts: list[tuple[str, str]] = []
     for header in headers:
-        syntaxes = contexts.setdefault(header.sop_class_uid, [])
-        if header.transfer_syntax_uid not in syntaxes:
-            syntaxes.append(header.transfer_syntax_uid)
+        for syntax in (header.transfer_syntax_uid, *FALLBACK_TRANSFER_SYNTAXES):
+            if (header.sop_class_uid, syntax) not in contexts:
+                contexts.append((header.sop_class_uid, syntax))
     return contexts
 
 
@@ -103,9 +115,10 @@ def send_files(
 ) -> list[SendResult]:
     """Send DICOM files to a Storage SCP over one association.
 
-    The association requests one presentation context per SOP class found in the files, with
-    the transfer syntaxes those files are encoded in, so files are sent as stored, without
-    transcoding.
+    The association proposes, for each SOP class found in the files, one presentation context
+    per transfer syntax those files are encoded in and one per uncompressed fallback syntax
+    (Explicit and Implicit VR Little Endian). A file is sent as stored when the peer accepts
+    its syntax; otherwise it is decoded and sent in an accepted uncompressed syntax.
 
     Parameters
     ----------
@@ -134,7 +147,7 @@ def send_files(
         aborted while files are being sent. ``SendError.results`` contains the results so far.
     ValueError
         When a file lacks SOPClassUID, SOPInstanceUID or TransferSyntaxUID, or when the files
-        need more than 128 presentation contexts.
+        need more than 128 presentation contexts (about 40 SOP classes).
     """
     paths = [Path(path) for path in paths]
     peer = f"{ae_title}@{host}:{port}"
@@ -146,8 +159,9 @@ def send_files(
     contexts = _requested_contexts(headers)
     if len(contexts) > MAX_PRESENTATION_CONTEXTS:
         raise ValueError(
-            f"The files use {len(contexts)} SOP classes; one association supports at most "
-            f"{MAX_PRESENTATION_CONTEXTS} presentation contexts. Send them in several calls."
+            f"The files need {len(contexts)} presentation contexts (SOP class and transfer "
+            f"syntax pairs); one association supports at most {MAX_PRESENTATION_CONTEXTS}. "
+            "Send them in several calls."
         )
 
     ae = AE(ae_title=calling_ae_title)
@@ -155,8 +169,8 @@ def send_files(
     ae.dimse_timeout = timeout_s
     ae.network_timeout = timeout_s
     ae.connection_timeout = timeout_s
-    for sop_class_uid, transfer_syntaxes in contexts.items():
-        ae.add_requested_context(sop_class_uid, transfer_syntaxes)
+    for sop_class_uid, transfer_syntax in contexts:
+        ae.add_requested_context(sop_class_uid, transfer_syntax)
 
     # The A-ASSOCIATE response carries the rejection result, source and reason; pynetdicom
     # only logs them, so keep the primitive for the error message.
@@ -222,12 +236,55 @@ def _association_failure_reason(assoc: Association, responses: list[A_ASSOCIATE]
     return "was not established (no A-ASSOCIATE response before the timeout)"
 
 
+def _payload_for(assoc: Association, header: _FileHeader) -> Path | Dataset:
+    """Return the file itself when its transfer syntax was accepted, else an uncompressed copy.
+
+    Raises
+    ------
+    ValueError
+        When the peer accepted neither the file's syntax nor an uncompressed one for its SOP
+        class, or the pixel data cannot be decoded.
+    """
+    accepted = [
+        str(context.transfer_syntax[0])
+        for context in assoc.accepted_contexts
+        if context.abstract_syntax == header.sop_class_uid
+    ]
+    if header.transfer_syntax_uid in accepted:
+        return header.path
+
+    fallback = next((syntax for syntax in FALLBACK_TRANSFER_SYNTAXES if syntax in accepted), None)
+    if fallback is None:
+        raise ValueError(
+            f"the peer accepted no presentation context for SOP class {header.sop_class_uid} "
+            f"with transfer syntax {header.transfer_syntax_uid} or an uncompressed syntax"
+        )
+
+    dataset = pydicom.dcmread(header.path)
+    if UID(header.transfer_syntax_uid).is_compressed:
+        try:
+            dataset.decompress()
+        except Exception as error:  # pixel data decoders raise many exception types
+            raise ValueError(
+                f"the peer does not accept {UID(header.transfer_syntax_uid).name} and the pixel "
+                f"data could not be decoded for an uncompressed send ({type(error).__name__}: {error})"
+            ) from error
+    dataset.file_meta.TransferSyntaxUID = fallback
+    logger.info(
+        "Sending SOPInstanceUID %s as %s: the peer did not accept %s",
+        header.sop_instance_uid,
+        UID(fallback).name,
+        UID(header.transfer_syntax_uid).name,
+    )
+    return dataset
+
+
 def _send_one(assoc: Association, header: _FileHeader, peer: str) -> SendResult:
     logger.info(
         "Sending SOPInstanceUID %s (SOP class %s) to %s", header.sop_instance_uid, header.sop_class_uid, peer
     )
     try:
-        status_dataset = assoc.send_c_store(header.path)
+        status_dataset = assoc.send_c_store(_payload_for(assoc, header))
     except ValueError as error:
         # pynetdicom raises ValueError when no accepted context matches the file.
         logger.error("Could not send SOPInstanceUID %s to %s: %s", header.sop_instance_uid, peer, error)

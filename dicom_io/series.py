@@ -28,6 +28,19 @@ DEFAULT_PIXEL_SPACING_TOLERANCE_MM = 1e-3
 DEFAULT_DUPLICATE_TOLERANCE_MM = 1e-2
 DEFAULT_SPACING_TOLERANCE_MM = 0.05
 
+#: Slice steps that differ from the median step by at most this fraction of it count as
+#: position jitter: the slices stay on one grid, each off its grid position by that much.
+JITTER_FRACTION = 0.2
+
+#: A step between adjacent slices larger than this multiple of the median step is a gap that
+#: interpolation would fill with invented anatomy, so the series is rejected. Smaller
+#: irregularities (one missing slice, mixed spacing) are resampled onto a regular grid.
+DEFAULT_MAX_GAP_FACTOR = 2.5
+
+#: Instances whose orientation differs from the main stack are dropped with a warning when
+#: they are at most this fraction of the slices; more of them means a mixed folder.
+MAX_OFF_ORIENTATION_FRACTION = 0.1
+
 # Attributes a derived SEG or SR must copy or reference, in DICOM tag order.
 REFERENCE_UID_ATTRIBUTES = (
     "SOPClassUID",
@@ -63,6 +76,9 @@ class CTSeries:
         Median distance between adjacent slice positions along the slice normal, in mm.
     slice_normal: numpy.ndarray
         Unit slice normal in the DICOM patient coordinate system (LPS).
+    positions_mm: numpy.ndarray
+        Position of each slice along the slice normal (ImagePositionPatient projected on
+        ``slice_normal``), in mm, ascending and in the order of ``datasets``.
     """
 
     datasets: list[Dataset]
@@ -72,6 +88,21 @@ class CTSeries:
     warnings: list[str] = field(default_factory=list)
     slice_spacing_mm: float = 0.0
     slice_normal: np.ndarray = field(default_factory=lambda: np.array([0.0, 0.0, 1.0]))
+    positions_mm: np.ndarray = field(default_factory=lambda: np.zeros(0))
+
+    @property
+    def is_uniform(self) -> bool:
+        """Whether the slices can be placed on one regular grid without resampling.
+
+        True when every slice step differs from the median step by at most
+        :data:`DEFAULT_SPACING_TOLERANCE_MM` or by :data:`JITTER_FRACTION` of the median step
+        (position jitter); each slice then keeps its own grid slice, off by at most that much.
+        """
+        if len(self.positions_mm) < 3:
+            return True
+        steps = np.diff(self.positions_mm)
+        allowed = max(DEFAULT_SPACING_TOLERANCE_MM, JITTER_FRACTION * self.slice_spacing_mm)
+        return bool(np.abs(steps - self.slice_spacing_mm).max() <= allowed)
 
     def missing_uid_attributes(self) -> list[str]:
         """Return the reference UID attributes that are missing or empty in any instance.
@@ -139,8 +170,13 @@ def _is_localizer(dataset: Dataset) -> bool:
     return any(str(value).upper() == "LOCALIZER" for value in image_type)
 
 
-def _select_ct_images(candidates: list[tuple[Path, Dataset]]) -> list[tuple[Path, Dataset]]:
-    """Keep single-frame CT images; raise for Enhanced CT; log and drop everything else."""
+def _select_ct_images(
+    candidates: list[tuple[Path, Dataset]], warnings: list[str]
+) -> list[tuple[Path, Dataset]]:
+    """Keep single-frame CT images; raise for Enhanced CT; log and drop everything else.
+
+    A LOCALIZER image among the slices is dropped with a warning in ``warnings``.
+    """
     selected = []
     for path, dataset in candidates:
         sop_class_uid = sop_class_of(dataset)
@@ -159,7 +195,9 @@ def _select_ct_images(candidates: list[tuple[Path, Dataset]]) -> list[tuple[Path
             )
             continue
         if _is_localizer(dataset):
-            logger.info("Ignoring %s (SOPInstanceUID %s): ImageType is LOCALIZER", path, sop_instance_uid)
+            message = f"Dropped {path.name} (SOPInstanceUID {sop_instance_uid}): ImageType is LOCALIZER"
+            logger.warning(message)
+            warnings.append(message)
             continue
         if "PixelData" not in dataset:
             raise SeriesValidationError(
@@ -204,19 +242,56 @@ def _check_single_uid(items: list[tuple[Path, Dataset]], keyword: str) -> str:
     return next(iter(values), "")
 
 
-def _check_shared_geometry(items: list[tuple[Path, Dataset]], orientation_tolerance: float) -> None:
+def _drop_off_orientation(
+    items: list[tuple[Path, Dataset]], orientation_tolerance: float, warnings: list[str]
+) -> list[tuple[Path, Dataset]]:
+    """Keep the largest group of slices sharing one orientation; drop a small rest with a warning.
+
+    Raises
+    ------
+    SeriesValidationError
+        When more than :data:`MAX_OFF_ORIENTATION_FRACTION` of the slices leave the main stack.
+    """
+    orientations = [np.asarray(dataset.ImageOrientationPatient, dtype=float) for _, dataset in items]
+    groups: list[list[int]] = []
+    for index, orientation in enumerate(orientations):
+        for group in groups:
+            if np.allclose(orientation, orientations[group[0]], atol=orientation_tolerance, rtol=0.0):
+                group.append(index)
+                break
+        else:
+            groups.append([index])
+    if len(groups) == 1:
+        return items
+
+    main = max(groups, key=len)
+    main_path = items[main[0]][0]
+    dropped = [index for index in range(len(items)) if index not in set(main)]
+    if len(dropped) > MAX_OFF_ORIENTATION_FRACTION * len(items):
+        path = items[dropped[0]][0]
+        raise SeriesValidationError(
+            f"ImageOrientationPatient of {path} ({list(orientations[dropped[0]])}) differs from that "
+            f"of {main_path} ({list(orientations[main[0]])}) by more than {orientation_tolerance}, "
+            f"and {len(dropped)} of {len(items)} slices leave the main stack; a series must contain "
+            "one stack of parallel slices."
+        )
+    for index in dropped:
+        path, dataset = items[index]
+        message = (
+            f"Dropped {path.name} (SOPInstanceUID {dataset.get('SOPInstanceUID', '')}): "
+            f"ImageOrientationPatient {list(orientations[index])} differs from the main stack "
+            f"({list(orientations[main[0]])})"
+        )
+        logger.warning(message)
+        warnings.append(message)
+    return [items[index] for index in main]
+
+
+def _check_shared_geometry(items: list[tuple[Path, Dataset]]) -> None:
     first_path, first = items[0]
-    orientation = np.asarray(first.ImageOrientationPatient, dtype=float)
     pixel_spacing = np.asarray(first.PixelSpacing, dtype=float)
 
     for path, dataset in items[1:]:
-        other_orientation = np.asarray(dataset.ImageOrientationPatient, dtype=float)
-        if not np.allclose(other_orientation, orientation, atol=orientation_tolerance, rtol=0.0):
-            raise SeriesValidationError(
-                f"ImageOrientationPatient of {path} ({list(other_orientation)}) differs from that of "
-                f"{first_path} ({list(orientation)}) by more than {orientation_tolerance}; "
-                "a series must contain one stack of parallel slices."
-            )
         for keyword in ("Rows", "Columns"):
             if int(dataset[keyword].value) != int(first[keyword].value):
                 raise SeriesValidationError(
@@ -294,15 +369,31 @@ def _check_stacking(items: list[tuple[Path, Dataset]], normal: np.ndarray, warni
         warnings.append(message)
 
 
-def _check_spacing(positions: np.ndarray, spacing_tolerance_mm: float, warnings: list[str]) -> float:
+def _check_spacing(
+    positions: np.ndarray,
+    spacing_tolerance_mm: float,
+    max_gap_factor: float,
+    warnings: list[str],
+) -> float:
+    """Return the median slice step; warn on irregular steps and raise on a gap too large."""
     steps = np.diff(positions)
     spacing = float(np.median(steps))
+    largest = int(np.argmax(steps))
+    if steps[largest] > max_gap_factor * spacing:
+        raise SeriesValidationError(
+            f"The series has a gap of {steps[largest]:.2f} mm between the slices at "
+            f"{positions[largest]:.2f} mm and {positions[largest + 1]:.2f} mm along the slice "
+            f"normal, more than {max_gap_factor:g} times the median spacing of {spacing:.2f} mm. "
+            "Slices are missing: send the complete series."
+        )
+
     deviation = float(np.abs(steps - spacing).max())
     if deviation > spacing_tolerance_mm:
         message = (
             f"Slice spacing is not uniform: steps range from {steps.min():.3f} to {steps.max():.3f} mm "
-            f"(median {spacing:.3f} mm). The volume uses one spacing, so slices far from the mean "
-            "grid are placed at the nearest grid position."
+            f"(median {spacing:.3f} mm, largest step between {positions[largest]:.2f} and "
+            f"{positions[largest + 1]:.2f} mm). Steps more than {JITTER_FRACTION:.0%} off the median "
+            "are resampled onto a regular grid, and the masks are mapped back to the source slices."
         )
         logger.warning(message)
         warnings.append(message)
@@ -316,6 +407,7 @@ def load_series(
     orientation_tolerance: float = DEFAULT_ORIENTATION_TOLERANCE,
     duplicate_tolerance_mm: float = DEFAULT_DUPLICATE_TOLERANCE_MM,
     spacing_tolerance_mm: float = DEFAULT_SPACING_TOLERANCE_MM,
+    max_gap_factor: float = DEFAULT_MAX_GAP_FACTOR,
 ) -> CTSeries:
     """Read, filter, validate and sort one single-frame CT series.
 
@@ -331,7 +423,10 @@ def load_series(
     duplicate_tolerance_mm: float, optional
         Two slices closer than this along the slice normal occupy the same position.
     spacing_tolerance_mm: float, optional
-        Maximum deviation of a slice step from the median step before a warning is recorded.
+        Maximum deviation of a slice step from the median step before a warning is recorded
+        (and the conversion resamples the volume onto a regular grid).
+    max_gap_factor: float, optional
+        Largest allowed slice step as a multiple of the median step.
 
     Returns
     -------
@@ -342,7 +437,9 @@ def load_series(
     ------
     SeriesValidationError
         When the folder contains no CT series, mixes series, lacks geometry attributes, contains
-        two different slices at one position or has fewer than ``min_slices`` slices.
+        two different slices at one position, has more than a few slices of another
+        orientation, has a gap larger than ``max_gap_factor`` times the median slice step or
+        has fewer than ``min_slices`` slices.
     UnsupportedSOPClassError
         When the folder contains Enhanced CT or Legacy Converted Enhanced CT instances.
     """
@@ -351,7 +448,8 @@ def load_series(
         raise SeriesValidationError(f"Series folder {folder} does not exist or is not a folder.")
     logger.info("Loading CT series from %s", folder)
 
-    items = _select_ct_images(_read_candidates(folder))
+    warnings: list[str] = []
+    items = _select_ct_images(_read_candidates(folder), warnings)
     if not items:
         raise SeriesValidationError(f"{folder} contains no CT Image Storage instances.")
 
@@ -359,7 +457,8 @@ def load_series(
     series_instance_uid = _check_single_uid(items, "SeriesInstanceUID")
     for path, dataset in items:
         _require_geometry(path, dataset)
-    _check_shared_geometry(items, orientation_tolerance)
+    items = _drop_off_orientation(items, orientation_tolerance, warnings)
+    _check_shared_geometry(items)
 
     normal = slice_normal_of(items[0][1])
     positions = np.asarray([np.asarray(d.ImagePositionPatient, dtype=float) @ normal for _, d in items])
@@ -367,7 +466,6 @@ def load_series(
     items = [items[i] for i in order]
     positions = positions[order]
 
-    warnings: list[str] = []
     items, positions = _remove_duplicates(items, positions, duplicate_tolerance_mm, warnings)
     if len(items) < min_slices:
         raise SeriesValidationError(
@@ -376,7 +474,7 @@ def load_series(
         )
 
     _check_stacking(items, normal, warnings)
-    spacing = _check_spacing(positions, spacing_tolerance_mm, warnings)
+    spacing = _check_spacing(positions, spacing_tolerance_mm, max_gap_factor, warnings)
 
     series = CTSeries(
         datasets=[dataset for _, dataset in items],
@@ -386,6 +484,7 @@ def load_series(
         warnings=warnings,
         slice_spacing_mm=spacing,
         slice_normal=normal,
+        positions_mm=positions,
     )
     logger.info(
         "Loaded CT series %s (study %s): %d slices, %dx%d, slice spacing %.3f mm",

@@ -7,9 +7,11 @@ a one-line error on stderr.
 from __future__ import annotations
 
 import argparse
+import datetime as dt
 import json
 import logging
 import os
+import shutil
 import signal
 import sys
 import threading
@@ -22,6 +24,9 @@ from sqlalchemy import select
 
 from node.config import CONFIG_ENV_VAR, Settings, load_settings
 from node.logging_setup import LOG_LEVELS, configure_logging
+from node.reports import format_series_table, list_series_rows
+
+__all__ = ["build_parser", "format_series_table", "list_series_rows", "main"]
 
 logger = logging.getLogger(__name__)
 
@@ -33,7 +38,9 @@ EXIT_USAGE = 2
 WORKER_STOP_TIMEOUT_S = 10.0
 
 #: States accepted by ``studies --state``: the series states plus ``delivery_failed``.
-STUDY_STATES = ("receiving", "complete", "queued", "processing", "done", "failed", "delivery_failed")
+STUDY_STATES = (
+    "receiving", "complete", "queued", "processing", "done", "failed", "skipped", "delivery_failed"
+)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -119,7 +126,76 @@ def build_parser() -> argparse.ArgumentParser:
         metavar="N",
         help="maximum number of series, most recently received first (default: %(default)s)",
     )
+    studies.add_argument(
+        "--since",
+        type=_iso_date,
+        default=None,
+        metavar="YYYY-MM-DD",
+        help="show only series first received on or after this day, UTC (default: no limit)",
+    )
+    studies.add_argument(
+        "--until",
+        type=_iso_date,
+        default=None,
+        metavar="YYYY-MM-DD",
+        help="show only series first received on or before this day, UTC (default: no limit)",
+    )
+    studies.add_argument(
+        "--calling-ae",
+        default=None,
+        metavar="AE_TITLE",
+        help="show only series sent by this calling AE title (default: any)",
+    )
     studies.set_defaults(handler=_run_studies)
+
+    study = subcommands.add_parser(
+        "study", help="show one study: audit trail, job attempts, errors and output files"
+    )
+    study.add_argument("study_uid", metavar="STUDY_UID", help="Study Instance UID")
+    study.add_argument(
+        "--json", action="store_true", help="print JSON instead of text (default: %(default)s)"
+    )
+    study.set_defaults(handler=_run_study)
+
+    retry = subcommands.add_parser(
+        "retry",
+        help="queue the failed jobs of a study again (failed analysis or delivery with no "
+        "retries left)",
+    )
+    retry.add_argument("study_uid", metavar="STUDY_UID", help="Study Instance UID")
+    retry.add_argument(
+        "--json", action="store_true", help="print JSON instead of text (default: %(default)s)"
+    )
+    retry.set_defaults(handler=_run_retry)
+
+    web = subcommands.add_parser(
+        "web",
+        help="run only the web page (study list, study pages, health); see also [web] in the "
+        "configuration",
+    )
+    web.set_defaults(handler=_run_web)
+    web_commands = web.add_subparsers(dest="web_command", required=False, metavar="COMMAND")
+    hash_password = web_commands.add_parser(
+        "hash-password",
+        help="read a password (prompt, or one line on standard input) and print its hash "
+        "for [web] users",
+    )
+    hash_password.set_defaults(handler=_run_web_hash_password)
+
+    resend = subcommands.add_parser(
+        "resend",
+        help="send the stored SEG and SR of every analysed job of a study to the destination "
+        "again and confirm them",
+    )
+    resend.add_argument("study_uid", metavar="STUDY_UID", help="StudyInstanceUID of the study")
+    resend.set_defaults(handler=_run_resend)
+
+    database = subcommands.add_parser("db", help="manage the node database schema")
+    database_commands = database.add_subparsers(dest="db_command", required=True)
+    upgrade = database_commands.add_parser(
+        "upgrade", help="apply the Alembic migrations up to the newest revision"
+    )
+    upgrade.set_defaults(handler=_run_db_upgrade)
 
     demo = subcommands.add_parser(
         "demo", help="send a CT series to a local node and show the results"
@@ -204,16 +280,26 @@ def _run_serve(args: argparse.Namespace, settings: Settings) -> int:
         for signal_number in (signal.SIGINT, signal.SIGTERM)
     }
 
+    web_server = None
+    if settings.web.enabled:
+        from node.web.server import WebServer
+
+        web_server = WebServer(settings, engine)
+
     worker_stopped = True
     try:
         scp.start()
         scheduler.start()
         worker.start()
+        if web_server is not None:
+            web_server.start_in_background()
         logger.info("Node running; press Ctrl+C to stop")
         # Waiting in short steps lets the main thread run the signal handlers.
         while not stop_requested.wait(0.5):
             pass
     finally:
+        if web_server is not None:
+            web_server.stop()
         scp.stop()
         scheduler.stop()
         worker_stopped = worker.stop(timeout_s=WORKER_STOP_TIMEOUT_S)
@@ -273,14 +359,132 @@ def _run_studies(args: argparse.Namespace, settings: Settings) -> int:
 
     engine = init_db(settings.database_url)
     try:
-        rows = list_series_rows(engine, state=args.state, limit=args.limit)
+        rows = list_series_rows(
+            engine,
+            state=args.state,
+            limit=args.limit,
+            since=args.since,
+            until=args.until,
+            calling_ae_title=args.calling_ae,
+        )
     finally:
         engine.dispose()
 
     if args.json:
         print(json.dumps(rows, indent=2, default=str))
     else:
-        print(format_series_table(rows))
+        print(format_series_table(rows, width=_terminal_width()))
+    return EXIT_OK
+
+
+def _run_study(args: argparse.Namespace, settings: Settings) -> int:
+    from node.db import init_db
+    from node.reports import study_detail
+    from node.study_text import format_study_detail
+
+    engine = init_db(settings.database_url)
+    try:
+        detail = study_detail(engine, args.study_uid)
+    finally:
+        engine.dispose()
+
+    if args.json:
+        print(json.dumps(detail, indent=2, default=str))
+    else:
+        print(format_study_detail(detail, width=_terminal_width()))
+    return EXIT_OK
+
+
+def _run_retry(args: argparse.Namespace, settings: Settings) -> int:
+    from node.db import init_db
+    from node.reports import retry_study
+
+    engine = init_db(settings.database_url)
+    try:
+        job_ids = retry_study(engine, args.study_uid, requested_by="command line")
+    finally:
+        engine.dispose()
+
+    if args.json:
+        print(json.dumps({"study_instance_uid": args.study_uid, "queued_job_ids": job_ids}))
+    elif job_ids:
+        print(f"Queued again: job {', '.join(str(job_id) for job_id in job_ids)} of study {args.study_uid}")
+    else:
+        print(f"Study {args.study_uid} has no failed job to queue again.")
+    return EXIT_OK
+
+
+def _run_web(args: argparse.Namespace, settings: Settings) -> int:
+    from node.db import init_db
+    from node.web.server import WebServer
+
+    engine = init_db(settings.database_url)
+    try:
+        WebServer(settings, engine).run()
+    finally:
+        engine.dispose()
+    return EXIT_OK
+
+
+def _run_web_hash_password(args: argparse.Namespace, settings: Settings) -> int:
+    import getpass
+
+    from node.web.auth import hash_password
+
+    if sys.stdin.isatty():
+        password = getpass.getpass("Password: ")
+        if getpass.getpass("Repeat password: ") != password:
+            raise ValueError("The two passwords differ; run the command again")
+    else:
+        password = sys.stdin.readline().rstrip("\r\n")
+    print(hash_password(password))
+    return EXIT_OK
+
+
+def _run_resend(args: argparse.Namespace, settings: Settings) -> int:
+    from node.db import init_db, session_scope
+    from node.jobs import DatabaseJobQueue
+    from node.models import Job, JobState, Series, Study
+    from node.worker import Worker
+
+    engine = init_db(settings.database_url)
+    try:
+        with session_scope(engine) as session:
+            job_ids = list(
+                session.scalars(
+                    select(Job.id)
+                    .join(Series, Job.series_id == Series.id)
+                    .join(Study, Series.study_id == Study.id)
+                    .where(Study.study_instance_uid == args.study_uid, Job.result.is_not(None))
+                    .order_by(Job.id)
+                )
+            )
+        if not job_ids:
+            raise ValueError(
+                f"No analysed job for StudyInstanceUID {args.study_uid}: check the UID with "
+                "'livernode studies'"
+            )
+
+        worker = Worker(settings, engine, DatabaseJobQueue(engine), name="resend")
+        failed = 0
+        for job_id in job_ids:
+            state = worker.deliver(job_id)
+            with session_scope(engine) as session:
+                error = session.get(Job, job_id).error  # type: ignore[union-attr]
+            print(f"job {job_id}: {state}" + (f": {error}" if error else ""))
+            failed += state != JobState.SUCCEEDED
+    finally:
+        engine.dispose()
+    return EXIT_FAILURE if failed else EXIT_OK
+
+
+def _run_db_upgrade(args: argparse.Namespace, settings: Settings) -> int:
+    from node.db import init_db
+
+    engine = init_db(settings.database_url)
+    safe_url = engine.url.render_as_string(hide_password=True)
+    engine.dispose()
+    print(f"Database schema of {safe_url} is at the newest revision")
     return EXIT_OK
 
 
@@ -294,85 +498,21 @@ def _run_demo(args: argparse.Namespace, settings: Settings) -> int:
 # Helpers -------------------------------------------------------------------------------
 
 
-def list_series_rows(engine: Any, *, state: str | None = None, limit: int = 50) -> list[dict[str, Any]]:
-    """Return one row per series, most recently received first, with its latest job's result.
-
-    The ``state`` of a row is the series state, or ``delivery_failed`` when the latest job
-    could not deliver its results.
-    """
-    from node.db import session_scope
-    from node.models import Job, JobState, Series, Study
-
-    rows: list[dict[str, Any]] = []
-    with session_scope(engine) as session:
-        series_rows = session.execute(
-            select(Series, Study)
-            .join(Study, Series.study_id == Study.id)
-            .order_by(Series.first_received_at.desc(), Series.id.desc())
-        ).all()
-
-        for series, study in series_rows:
-            job = session.scalar(
-                select(Job).where(Job.series_id == series.id).order_by(Job.id.desc()).limit(1)
-            )
-            display_state = series.state
-            if job is not None and job.state == JobState.DELIVERY_FAILED:
-                display_state = JobState.DELIVERY_FAILED
-            if state is not None and display_state != state:
-                continue
-
-            result = (job.result if job is not None else None) or {}
-            stage_seconds = (job.stage_seconds if job is not None else None) or {}
-            rows.append(
-                {
-                    "received_at": series.first_received_at.isoformat(timespec="seconds"),
-                    "study_instance_uid": study.study_instance_uid,
-                    "series_instance_uid": series.series_instance_uid,
-                    "instances": series.instance_count,
-                    "state": display_state,
-                    "liver_volume_ml": result.get("liver_volume_ml"),
-                    "tumor_volume_ml": result.get("tumor_volume_ml"),
-                    "tumor_burden_percent": result.get("tumor_burden_percent"),
-                    "seconds": round(sum(stage_seconds.values()), 1) if stage_seconds else None,
-                    "job_id": job.id if job is not None else None,
-                    "error": job.error if job is not None else None,
-                }
-            )
-            if len(rows) >= limit:
-                break
-    return rows
+def _terminal_width() -> int | None:
+    """Return the terminal width for tables, or None when stdout is no terminal and
+    ``COLUMNS`` is unset (then UIDs are never shortened)."""
+    if os.environ.get("COLUMNS", "").isdigit():
+        return int(os.environ["COLUMNS"])
+    if sys.stdout.isatty():
+        return shutil.get_terminal_size().columns
+    return None
 
 
-def format_series_table(rows: list[dict[str, Any]]) -> str:
-    """Format rows from :func:`list_series_rows` as a fixed-width text table."""
-    columns = [
-        ("received (UTC)", "received_at"),
-        ("study UID", "study_instance_uid"),
-        ("series UID", "series_instance_uid"),
-        ("instances", "instances"),
-        ("state", "state"),
-        ("liver mL", "liver_volume_ml"),
-        ("tumour mL", "tumor_volume_ml"),
-        ("burden %", "tumor_burden_percent"),
-        ("seconds", "seconds"),
-    ]
-    if not rows:
-        return "No series found."
-
-    def cell(value: Any) -> str:
-        if value is None:
-            return "-"
-        if isinstance(value, float):
-            return f"{value:.1f}"
-        return str(value)
-
-    table = [[title for title, _ in columns]]
-    table += [[cell(row[key]) for _, key in columns] for row in rows]
-    widths = [max(len(line[index]) for line in table) for index in range(len(columns))]
-    return "\n".join(
-        "  ".join(text.ljust(width) for text, width in zip(line, widths, strict=True)).rstrip()
-        for line in table
-    )
+def _iso_date(text: str) -> dt.date:
+    try:
+        return dt.date.fromisoformat(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"invalid date {text!r}: use YYYY-MM-DD") from None
 
 
 def _positive_int(text: str) -> int:

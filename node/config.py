@@ -55,11 +55,30 @@ MAX_PORT = 65535
 MIN_PDU_BYTES = 4096
 MAX_PDU_BYTES = 2**32 - 1
 
-DESTINATION_KINDS = ("dicom", "folder")
+DESTINATION_KINDS = ("dicom", "folder", "dicomweb")
+
+#: URL schemes a DICOMweb destination may use.
+DICOMWEB_URL_SCHEMES = ("http://", "https://")
 
 
 class ConfigError(ValueError):
     """Raised when a setting is missing, of the wrong type or out of range."""
+
+
+@dataclass
+class AllowedPeer:
+    """A calling AE title allowed to associate from one host address.
+
+    Attributes
+    ----------
+    ae_title : str
+        Calling AE title of the peer.
+    host : str
+        IP address the peer connects from, as the SCP sees it (for example ``"127.0.0.1"``).
+    """
+
+    ae_title: str
+    host: str
 
 
 @dataclass
@@ -86,6 +105,11 @@ class ScpSettings:
     max_pdu_bytes : int
         Maximum PDU length the node receives, in bytes; 0 means unlimited; default 16382
         (the pynetdicom default).
+    allowed_peers : list of AllowedPeer
+        Calling AE titles allowed only from one host address each, as TOML tables
+        ``{ ae_title = "PACS", host = "10.0.0.5" }``. A peer is accepted when its calling AE
+        title is in ``allowed_calling_ae_titles`` or its AE title and address match an
+        entry here; when both lists are empty, any peer is accepted.
     """
 
     ae_title: str = "LIVERNODE"
@@ -96,6 +120,7 @@ class ScpSettings:
     dimse_timeout_s: float = 30.0
     network_timeout_s: float = 60.0
     max_pdu_bytes: int = 16382
+    allowed_peers: list[AllowedPeer] = field(default_factory=list)
 
 
 @dataclass
@@ -116,14 +141,38 @@ class SeriesSettings:
 
 
 @dataclass
+class SelectionSettings:
+    """Which complete series are analysed; the others are skipped with an audited reason.
+
+    Attributes
+    ----------
+    min_slices : int
+        Minimum number of qualifying CT images in a series; default 3. Short series that
+        pass are still reported as not analysable when their coverage is below
+        ``analysis.min_coverage_mm``.
+    image_type_values : list of str
+        Accepted third values of ImageType; default ``["AXIAL"]``. Images whose ImageType
+        contains LOCALIZER never qualify.
+    orientation_tolerance_deg : float
+        Largest angle between the slice normal and the feet-head axis, in degrees;
+        default 30 (oblique axial passes, coronal and sagittal reformats do not).
+    """
+
+    min_slices: int = 3
+    image_type_values: list[str] = field(default_factory=lambda: ["AXIAL"])
+    orientation_tolerance_deg: float = 30.0
+
+
+@dataclass
 class DestinationSettings:
     """Destination of the SEG and SR of each analysed series.
 
     Attributes
     ----------
     kind : str
-        ``"dicom"`` (C-STORE to ``ae_title`` at ``host``:``port``) or ``"folder"`` (copy into
-        ``path/<StudyInstanceUID>/``); default ``"folder"``.
+        ``"dicom"`` (C-STORE to ``ae_title`` at ``host``:``port``), ``"dicomweb"`` (STOW-RS
+        to ``url``) or ``"folder"`` (copy into ``path/<StudyInstanceUID>/``); default
+        ``"folder"``.
     ae_title : str
         Called AE title of the DICOM destination; required when ``kind`` is ``"dicom"``.
     host : str
@@ -141,6 +190,24 @@ class DestinationSettings:
     retry_backoff_s : float
         Seconds before the first retry; each further retry waits twice as long as the one
         before; default 10.
+    url : str
+        DICOMweb base URL (the service root, such as ``http://pacs:8042/dicom-web``);
+        required when ``kind`` is ``"dicomweb"``.
+    username : str
+        User name for HTTP basic authentication of the DICOMweb destination; empty (default)
+        sends no credentials.
+    password : str
+        Password for ``username``; prefer ``password_file``.
+    password_file : Path or None
+        File whose first line is the password for ``username``; read at each delivery.
+    confirm_delivery : bool
+        Whether a delivery counts only once the destination lists the SEG and SR in a query
+        (C-FIND for ``"dicom"``, QIDO-RS for ``"dicomweb"``); default true.
+    confirm_timeout_s : float
+        Seconds to wait for the sent instances to appear in the destination's query
+        results; default 60.
+    confirm_interval_s : float
+        Seconds between two confirmation queries; default 2.
     """
 
     kind: str = "folder"
@@ -152,6 +219,31 @@ class DestinationSettings:
     send_timeout_s: float = 30.0
     send_retries: int = 3
     retry_backoff_s: float = 10.0
+    url: str = ""
+    username: str = ""
+    password: str = field(default="", repr=False)
+    password_file: Path | None = None
+    confirm_delivery: bool = True
+    confirm_timeout_s: float = 60.0
+    confirm_interval_s: float = 2.0
+
+    def read_password(self) -> str:
+        """Return the DICOMweb password: the first line of ``password_file`` when set.
+
+        Raises
+        ------
+        ConfigError
+            When ``password_file`` cannot be read.
+        """
+        if self.password_file is None:
+            return self.password
+        try:
+            lines = Path(self.password_file).read_text(encoding="utf-8").splitlines()
+        except OSError as error:
+            raise ConfigError(
+                f"destination.password_file {self.password_file} cannot be read: {error}"
+            ) from None
+        return lines[0].strip() if lines else ""
 
     def retry_delay_s(self, failed_attempts: int) -> float:
         """Return the seconds to wait after ``failed_attempts`` failed delivery attempts."""
@@ -193,6 +285,39 @@ class WorkerSettings:
 
 
 @dataclass
+class WebSettings:
+    """The login-protected web page for administrators and radiologists.
+
+    Attributes
+    ----------
+    enabled : bool
+        Whether ``livernode serve`` also serves the web page; default true.
+    host : str
+        Address the web server listens on; default ``"127.0.0.1"`` (loopback only).
+    port : int
+        TCP port, 1-65535; default 8080.
+    users : dict of str to str
+        User names and their password hashes from ``livernode web hash-password``, as a TOML
+        table ``{ admin = "scrypt$..." }``; default none, so nobody can log in.
+    secret_key : str
+        Key that signs the session cookie; default empty, which makes the node generate a
+        random key at first start into ``<data_dir>/web-session.key`` (mode 0600).
+    session_max_age_s : int
+        Seconds a login stays valid; default 28800 (8 hours).
+    page_size : int
+        Series per page of the study list; default 50.
+    """
+
+    enabled: bool = True
+    host: str = "127.0.0.1"
+    port: int = 8080
+    users: dict[str, str] = field(default_factory=dict)
+    secret_key: str = ""
+    session_max_age_s: int = 28800
+    page_size: int = 50
+
+
+@dataclass
 class Settings:
     """All node settings.
 
@@ -212,7 +337,7 @@ class Settings:
     database_url : str
         SQLAlchemy URL; default ``sqlite:///<data_dir>/livernode.db``. PostgreSQL works with
         ``postgresql+psycopg2://user:password@host:port/database``.
-    scp, series, destination, analysis, worker
+    scp, series, selection, destination, analysis, worker, web
         The sections described by their classes.
     """
 
@@ -223,9 +348,11 @@ class Settings:
     database_url: str = ""
     scp: ScpSettings = field(default_factory=ScpSettings)
     series: SeriesSettings = field(default_factory=SeriesSettings)
+    selection: SelectionSettings = field(default_factory=SelectionSettings)
     destination: DestinationSettings = field(default_factory=DestinationSettings)
     analysis: AnalysisSettings = field(default_factory=AnalysisSettings)
     worker: WorkerSettings = field(default_factory=WorkerSettings)
+    web: WebSettings = field(default_factory=WebSettings)
 
     def __post_init__(self) -> None:
         self.data_dir = Path(self.data_dir)
@@ -259,6 +386,13 @@ class Settings:
         _check_port("scp.port", scp.port)
         for index, title in enumerate(scp.allowed_calling_ae_titles):
             _check_ae_title(f"scp.allowed_calling_ae_titles[{index}]", title)
+        for index, peer in enumerate(scp.allowed_peers):
+            _check_ae_title(f"scp.allowed_peers[{index}].ae_title", peer.ae_title)
+            if not peer.host.strip():
+                raise ConfigError(
+                    f"scp.allowed_peers[{index}].host is empty: give the address the peer "
+                    "connects from"
+                )
         _check_positive("scp.acse_timeout_s", scp.acse_timeout_s)
         _check_positive("scp.dimse_timeout_s", scp.dimse_timeout_s)
         _check_positive("scp.network_timeout_s", scp.network_timeout_s)
@@ -270,6 +404,15 @@ class Settings:
 
         _check_positive("series.quiet_time_s", self.series.quiet_time_s)
         _check_positive("series.sweep_interval_s", self.series.sweep_interval_s)
+        if self.selection.min_slices < 1:
+            raise ConfigError(
+                f"selection.min_slices = {self.selection.min_slices} is out of range: use 1 or more"
+            )
+        if not 0 <= self.selection.orientation_tolerance_deg <= 90:
+            raise ConfigError(
+                f"selection.orientation_tolerance_deg = {self.selection.orientation_tolerance_deg} "
+                "is out of range: use 0-90 degrees"
+            )
 
         destination = self.destination
         if destination.kind not in DESTINATION_KINDS:
@@ -285,6 +428,15 @@ class Settings:
                     "or address of the receiving AE"
                 )
             _check_port("destination.port", destination.port)
+        if destination.kind == "dicomweb" and not destination.url.startswith(
+            DICOMWEB_URL_SCHEMES
+        ):
+            raise ConfigError(
+                f"destination.url = {destination.url!r} is invalid: a 'dicomweb' destination "
+                "needs the service root URL, starting with http:// or https://"
+            )
+        _check_positive("destination.confirm_timeout_s", destination.confirm_timeout_s)
+        _check_positive("destination.confirm_interval_s", destination.confirm_interval_s)
         _check_ae_title("destination.calling_ae_title", destination.calling_ae_title)
         _check_positive("destination.send_timeout_s", destination.send_timeout_s)
         if destination.send_retries < 0:
@@ -310,6 +462,22 @@ class Settings:
             )
         _check_positive("worker.poll_interval_s", self.worker.poll_interval_s)
 
+        web = self.web
+        _check_port("web.port", web.port)
+        if not isinstance(web.users, dict) or not all(
+            isinstance(name, str) and isinstance(value, str) for name, value in web.users.items()
+        ):
+            raise ConfigError(
+                f"web.users = {web.users!r} is invalid: use a table of user names and password "
+                'hashes, for example { admin = "scrypt$..." } (see livernode web hash-password)'
+            )
+        if web.session_max_age_s < 1:
+            raise ConfigError(
+                f"web.session_max_age_s = {web.session_max_age_s} is out of range: use 1 or more"
+            )
+        if web.page_size < 1:
+            raise ConfigError(f"web.page_size = {web.page_size} is out of range: use 1 or more")
+
 
 #: ``LIVERNODE_*`` environment variables and the dotted setting each one overrides.
 ENV_OVERRIDES: dict[str, str] = {
@@ -322,6 +490,7 @@ ENV_OVERRIDES: dict[str, str] = {
     "LIVERNODE_HOST": "scp.host",
     "LIVERNODE_PORT": "scp.port",
     "LIVERNODE_ALLOWED_CALLING_AE_TITLES": "scp.allowed_calling_ae_titles",
+    "LIVERNODE_ALLOWED_PEERS": "scp.allowed_peers",
     "LIVERNODE_QUIET_TIME_S": "series.quiet_time_s",
     "LIVERNODE_SWEEP_INTERVAL_S": "series.sweep_interval_s",
     "LIVERNODE_DESTINATION_KIND": "destination.kind",
@@ -329,16 +498,25 @@ ENV_OVERRIDES: dict[str, str] = {
     "LIVERNODE_DESTINATION_HOST": "destination.host",
     "LIVERNODE_DESTINATION_PORT": "destination.port",
     "LIVERNODE_DESTINATION_PATH": "destination.path",
+    "LIVERNODE_DESTINATION_URL": "destination.url",
+    "LIVERNODE_DESTINATION_USERNAME": "destination.username",
+    "LIVERNODE_DESTINATION_PASSWORD": "destination.password",
+    "LIVERNODE_DESTINATION_PASSWORD_FILE": "destination.password_file",
     "LIVERNODE_TORCH_THREADS": "analysis.torch_threads",
     "LIVERNODE_MEMORY_BUDGET_MB": "analysis.memory_budget_mb",
+    "LIVERNODE_WEB_ENABLED": "web.enabled",
+    "LIVERNODE_WEB_HOST": "web.host",
+    "LIVERNODE_WEB_PORT": "web.port",
 }
 
 _SECTION_TYPES: dict[str, type] = {
     "scp": ScpSettings,
     "series": SeriesSettings,
+    "selection": SelectionSettings,
     "destination": DestinationSettings,
     "analysis": AnalysisSettings,
     "worker": WorkerSettings,
+    "web": WebSettings,
 }
 
 
@@ -425,6 +603,15 @@ def _set_dotted(raw: dict[str, Any], dotted_key: str, value: str, source: str) -
     # Environment values are strings; a list setting takes a comma-separated value.
     if parts[-1] == "allowed_calling_ae_titles":
         target[parts[-1]] = [title.strip() for title in value.split(",") if title.strip()]
+    elif parts[-1] == "allowed_peers":
+        # "AE@host,AE2@host2"
+        peers = []
+        for item in (entry.strip() for entry in value.split(",")):
+            if not item:
+                continue
+            ae_title, _, host = item.partition("@")
+            peers.append({"ae_title": ae_title.strip(), "host": host.strip()})
+        target[parts[-1]] = peers
     else:
         target[parts[-1]] = value
     logger.debug("Setting %s overridden by %s", dotted_key, source)
@@ -455,6 +642,10 @@ def _build_dataclass(prefix: str, cls: type, values: dict[str, Any], nested: set
 def _convert(key: str, type_name: Any, value: Any) -> Any:
     # Field types are strings because of ``from __future__ import annotations``.
     type_text = str(type_name)
+    if type_text == "list[AllowedPeer]":
+        if not isinstance(value, list):
+            raise ConfigError(f"Setting {key} = {value!r} has the wrong type: expected a list of tables")
+        return [_to_allowed_peer(key, index, item) for index, item in enumerate(value)]
     try:
         if type_text == "bool":
             return _to_bool(key, value)
@@ -481,6 +672,21 @@ def _convert(key: str, type_name: Any, value: Any) -> Any:
             f"Setting {key} = {value!r} has the wrong type: expected {type_text}"
         ) from None
     return value
+
+
+def _to_allowed_peer(key: str, index: int, value: Any) -> AllowedPeer:
+    if isinstance(value, AllowedPeer):
+        return value
+    if (
+        not isinstance(value, Mapping)
+        or set(value) != {"ae_title", "host"}
+        or not all(isinstance(item, str) for item in value.values())
+    ):
+        raise ConfigError(
+            f"Setting {key}[{index}] = {value!r} is invalid: use a table "
+            '{ ae_title = "AE", host = "address" } with exactly these two keys'
+        )
+    return AllowedPeer(ae_title=value["ae_title"], host=value["host"])
 
 
 def _to_bool(key: str, value: Any) -> bool:

@@ -1,4 +1,7 @@
-"""Database engine and session setup for SQLite and PostgreSQL.
+"""Database engine, schema migrations and session setup for SQLite and PostgreSQL.
+
+The schema is created and upgraded by the Alembic migrations in ``node/migrations``;
+:func:`init_db` upgrades every database it opens to the newest revision.
 
 SQLite connections run in WAL mode with foreign keys on and a busy timeout, so the SCP, the
 scheduler and the worker threads can share one database file. PostgreSQL is used through a
@@ -13,7 +16,12 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
-from sqlalchemy import Engine, create_engine, event, text
+from alembic import command
+from alembic.autogenerate import compare_metadata
+from alembic.config import Config
+from alembic.migration import MigrationContext
+from alembic.script import ScriptDirectory
+from sqlalchemy import Connection, Engine, create_engine, event, inspect, text
 from sqlalchemy.engine import make_url
 from sqlalchemy.exc import SQLAlchemyError
 from sqlalchemy.orm import Session
@@ -25,13 +33,23 @@ logger = logging.getLogger(__name__)
 #: Milliseconds a SQLite connection waits for a lock held by another connection.
 SQLITE_BUSY_TIMEOUT_MS = 30_000
 
+#: Folder of the Alembic environment and revisions.
+MIGRATIONS_DIR = Path(__file__).resolve().parent / "migrations"
+
+#: Revision matching the tables that ``Base.metadata.create_all`` made before migrations
+#: existed; such a database is stamped with it before upgrading.
+BASELINE_REVISION = "0001"
+
+#: Table Alembic keeps the applied revision in.
+VERSION_TABLE = "alembic_version"
+
 
 class DatabaseError(RuntimeError):
     """Raised when the database cannot be opened or reached."""
 
 
 def init_db(url: str, *, echo: bool = False) -> Engine:
-    """Create an engine for ``url``, check the connection and create missing tables.
+    """Create an engine for ``url``, check the connection and upgrade the schema to head.
 
     Parameters
     ----------
@@ -44,7 +62,7 @@ def init_db(url: str, *, echo: bool = False) -> Engine:
     Returns
     -------
     sqlalchemy.Engine
-        The engine, with all node tables present.
+        The engine, with the schema at the newest Alembic revision.
 
     Raises
     ------
@@ -72,7 +90,7 @@ def init_db(url: str, *, echo: bool = False) -> Engine:
         event.listen(engine, "connect", _configure_sqlite_connection)
 
     server_version = check_database(engine)
-    Base.metadata.create_all(engine)
+    upgrade_schema(engine)
 
     logger.info(
         "Database ready: %s (%s)",
@@ -80,6 +98,100 @@ def init_db(url: str, *, echo: bool = False) -> Engine:
         server_version,
     )
     return engine
+
+
+def alembic_config(connection: Connection | None = None) -> Config:
+    """Return an Alembic configuration for the node migrations.
+
+    Parameters
+    ----------
+    connection : sqlalchemy.Connection, optional
+        Connection the migrations run on (handed to ``env.py``).
+    """
+    config = Config()
+    config.set_main_option("script_location", str(MIGRATIONS_DIR))
+    if connection is not None:
+        config.attributes["connection"] = connection
+    return config
+
+
+def head_revision() -> str:
+    """Return the newest revision of the node migrations."""
+    head = ScriptDirectory.from_config(alembic_config()).get_current_head()
+    if head is None:
+        raise DatabaseError(f"No Alembic revision found in {MIGRATIONS_DIR / 'versions'}")
+    return head
+
+
+def current_revision(engine: Engine) -> str | None:
+    """Return the revision the database is at, or None when it was never migrated."""
+    with engine.connect() as connection:
+        return MigrationContext.configure(connection).get_current_revision()
+
+
+def upgrade_schema(engine: Engine) -> str:
+    """Apply the Alembic migrations to ``engine`` up to the newest revision.
+
+    A database whose tables were made by ``create_all`` before the migrations existed (node
+    tables but no ``alembic_version`` table) is first stamped with the baseline revision; one
+    with a revision but without the node tables is migrated from the start.
+
+    Returns
+    -------
+    str
+        The revision the database is at afterwards.
+
+    Raises
+    ------
+    DatabaseError
+        When a migration fails; the message names the URL without its password.
+    """
+    safe_url = engine.url.render_as_string(hide_password=True)
+    try:
+        with engine.begin() as connection:
+            config = alembic_config(connection)
+            tables = set(inspect(connection).get_table_names())
+            if VERSION_TABLE not in tables and "studies" in tables:
+                logger.warning(
+                    "Database %s has node tables but no revision; stamping it with the "
+                    "baseline revision %s",
+                    safe_url,
+                    BASELINE_REVISION,
+                )
+                command.stamp(config, BASELINE_REVISION)
+            elif VERSION_TABLE in tables and "studies" not in tables:
+                # The tables were dropped but the revision row was left behind.
+                logger.warning(
+                    "Database %s has a revision but no node tables; migrating it from the start",
+                    safe_url,
+                )
+                command.stamp(config, "base")
+            command.upgrade(config, "head")
+    except SQLAlchemyError as error:
+        raise DatabaseError(
+            f"Migrating the database {safe_url} failed: {error.__class__.__name__}: "
+            f"{str(error).splitlines()[0]}"
+        ) from error
+
+    revision = current_revision(engine) or ""
+    logger.info("Database %s schema at revision %s", safe_url, revision)
+    return revision
+
+
+def schema_differences(engine: Engine) -> list[Any]:
+    """Return the differences between the database schema and :mod:`node.models`.
+
+    An empty list means the migrated schema matches the models (what ``alembic revision
+    --autogenerate`` compares).
+    """
+    with engine.connect() as connection:
+        context = MigrationContext.configure(connection, opts={"compare_type": True})
+        differences = compare_metadata(context, Base.metadata)
+    return [item for item in differences if not _is_version_table(item)]
+
+
+def _is_version_table(item: Any) -> bool:
+    return isinstance(item, tuple) and len(item) > 1 and getattr(item[1], "name", None) == VERSION_TABLE
 
 
 def check_database(engine: Engine) -> str:

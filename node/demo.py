@@ -24,16 +24,18 @@ import socket
 import sys
 import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from pydicom import dcmread
 from pydicom.dataset import Dataset
 from pynetdicom import AE, evt
 from pynetdicom.sop_class import (  # type: ignore[attr-defined]
     Comprehensive3DSRStorage,
     SegmentationStorage,
+    StudyRootQueryRetrieveInformationModelFind,
 )
 from pynetdicom.transport import ThreadedAssociationServer
 from sqlalchemy import Engine, select
@@ -108,6 +110,9 @@ class ReceivedFile:
 class DemoPACS:
     """A Storage SCP on 127.0.0.1 that writes the SEG and SR it receives into ``folder``.
 
+    It answers Study Root C-FIND at IMAGE level from what it stored, as a PACS does, so that
+    the node can confirm its delivery.
+
     Parameters
     ----------
     folder : Path
@@ -133,10 +138,19 @@ class DemoPACS:
         """Listen on a free port of 127.0.0.1 in background threads."""
         self.folder.mkdir(parents=True, exist_ok=True)
         ae = AE(ae_title=self.ae_title)
-        for sop_class in (SegmentationStorage, Comprehensive3DSRStorage):
+        for sop_class in (
+            SegmentationStorage,
+            Comprehensive3DSRStorage,
+            StudyRootQueryRetrieveInformationModelFind,
+        ):
             ae.add_supported_context(sop_class)
         self._server = ae.start_server(
-            (LOOPBACK, 0), block=False, evt_handlers=[(evt.EVT_C_STORE, self._handle_store)]
+            (LOOPBACK, 0),
+            block=False,
+            evt_handlers=[
+                (evt.EVT_C_STORE, self._handle_store),
+                (evt.EVT_C_FIND, self._handle_find),
+            ],
         )
         logger.info("Demo PACS %s listening on %s:%d", self.ae_title, LOOPBACK, self.port)
 
@@ -156,6 +170,30 @@ class DemoPACS:
         """Return the received files of one SOP class, in order of arrival."""
         with self._lock:
             return [item for item in self.received if item.sop_class_uid == sop_class_uid]
+
+    def _handle_find(self, event: evt.Event) -> Iterator[tuple[int, Dataset | None]]:
+        query: Dataset = event.identifier
+        if query.get("QueryRetrieveLevel") != "IMAGE":
+            # The node only queries at IMAGE level; other levels match nothing here.
+            yield 0x0000, None
+            return
+
+        with self._lock:
+            stored = list(self.received)
+        for item in stored:
+            header = dcmread(item.path, stop_before_pixels=True)
+            if query.get("StudyInstanceUID") not in (None, "", header.StudyInstanceUID):
+                continue
+            if query.get("SeriesInstanceUID") not in (None, "", header.SeriesInstanceUID):
+                continue
+            match = Dataset()
+            match.QueryRetrieveLevel = "IMAGE"
+            match.StudyInstanceUID = header.StudyInstanceUID
+            match.SeriesInstanceUID = header.SeriesInstanceUID
+            match.SOPInstanceUID = item.sop_instance_uid
+            match.SOPClassUID = item.sop_class_uid
+            yield 0xFF00, match
+        yield 0x0000, None
 
     def _handle_store(self, event: evt.Event) -> int:
         dataset: Dataset = event.dataset

@@ -12,6 +12,25 @@ LOG_LEVELS = ("DEBUG", "INFO", "WARNING", "ERROR", "CRITICAL")
 QUIET_LOGGERS = ("pynetdicom", "apscheduler")
 
 
+class CurrentStderrHandler(logging.StreamHandler):
+    """Stream handler that writes to ``sys.stderr`` as it is when a record is emitted.
+
+    Test runners and daemon wrappers replace ``sys.stderr``; a handler bound to the stream
+    of its creation time would then write to a closed file.
+    """
+
+    def __init__(self) -> None:
+        super().__init__(sys.stderr)
+
+    @property
+    def stream(self):  # type: ignore[override]
+        return sys.stderr
+
+    @stream.setter
+    def stream(self, value) -> None:
+        """Ignore the stream set by ``StreamHandler.__init__``."""
+
+
 def configure_logging(level: str = "INFO") -> None:
     """Send log records of ``level`` and above to stderr with time, level and logger name.
 
@@ -29,12 +48,15 @@ def configure_logging(level: str = "INFO") -> None:
     if name not in LOG_LEVELS:
         raise ValueError(f"Invalid log level {level!r}: use one of {', '.join(LOG_LEVELS)}")
 
-    handler = logging.StreamHandler(sys.stderr)
+    handler = CurrentStderrHandler()
     handler.setFormatter(logging.Formatter(LOG_FORMAT))
 
+    # Replace only a handler installed by an earlier call, so that handlers of the embedding
+    # program (pytest's log capture, for one) stay in place.
     root = logging.getLogger()
     for existing in list(root.handlers):
-        root.removeHandler(existing)
+        if isinstance(existing, CurrentStderrHandler):
+            root.removeHandler(existing)
     root.addHandler(handler)
     root.setLevel(name)
 

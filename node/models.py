@@ -35,6 +35,8 @@ class SeriesState:
     PROCESSING = "processing"
     DONE = "done"
     FAILED = "failed"
+    #: Not analysed by the series selection rules (``[selection]``); the reason is audited.
+    SKIPPED = "skipped"
 
 
 class JobState:
@@ -55,18 +57,24 @@ class AuditKind:
     """Values of :attr:`AuditEvent.kind`."""
 
     ASSOCIATION_REJECTED = "association_rejected"
+    ASSOCIATION_ABORTED = "association_aborted"
     RECEIVED = "received"
     REJECTED = "rejected"
     DUPLICATE = "duplicate"
     CONFLICT = "conflict"
     LATE_INSTANCE = "late_instance"
     SERIES_COMPLETE = "series_complete"
+    SERIES_SKIPPED = "series_skipped"
     JOB_REQUEUED = "job_requeued"
     JOB_STARTED = "job_started"
     JOB_FINISHED = "job_finished"
+    NOT_ANALYSABLE = "not_analysable"
+    RESULT_REPLACED = "result_replaced"
     SENT = "sent"
     SEND_FAILED = "send_failed"
     DELIVERY_RETRY = "delivery_retry"
+    DELIVERY_CONFIRMED = "delivery_confirmed"
+    RESEND_REQUESTED = "resend_requested"
     FAILED = "failed"
 
 

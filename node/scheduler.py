@@ -12,12 +12,15 @@ import logging
 
 from apscheduler.schedulers.background import BackgroundScheduler
 from sqlalchemy import Engine, select
+from sqlalchemy.orm import Session
 
+from dicom_io.selection import SelectionRules, select_series
 from node.audit import add_audit_event
 from node.config import Settings
 from node.db import session_scope
 from node.jobs import JobQueue
 from node.models import AuditKind, Job, JobState, Series, SeriesState, utc_now
+from node.spool import Spool
 
 logger = logging.getLogger(__name__)
 
@@ -29,11 +32,17 @@ def sweep_complete_series(
     queue: JobQueue,
     quiet_time_s: float,
     now: dt.datetime | None = None,
+    *,
+    spool: Spool | None = None,
+    selection: SelectionRules | None = None,
 ) -> list[int]:
     """Mark receiving series without a new instance for ``quiet_time_s`` as complete.
 
     Each such series gets state ``complete``, a ``series_complete`` audit event and one new
     job. The job is then handed to ``queue``, which moves the series on to ``queued``.
+    With ``spool`` and ``selection`` given, a series that the selection rules reject (see
+    :func:`dicom_io.selection.select_series`) gets state ``skipped`` and a
+    ``series_skipped`` audit event with the reason instead of a job.
 
     Parameters
     ----------
@@ -45,6 +54,10 @@ def sweep_complete_series(
         Seconds since the last received instance after which a series is complete.
     now : datetime, optional
         Current UTC time without time zone; default :func:`node.models.utc_now`.
+    spool : Spool, optional
+        Where the series folders are read for the selection rules.
+    selection : SelectionRules, optional
+        The rules; without them (or without ``spool``) every complete series gets a job.
 
     Returns
     -------
@@ -64,8 +77,12 @@ def sweep_complete_series(
             )
         )
         for series in complete:
-            series.state = SeriesState.COMPLETE
             series.completed_at = now
+            if spool is not None and selection is not None and _skip_by_selection(
+                session, series, spool, selection
+            ):
+                continue
+            series.state = SeriesState.COMPLETE
             job = Job(series=series, state=JobState.QUEUED)
             session.add(job)
             session.flush()
@@ -90,6 +107,31 @@ def sweep_complete_series(
     for job_id in job_ids:
         queue.enqueue(job_id)
     return job_ids
+
+
+def _skip_by_selection(
+    session: Session, series: Series, spool: Spool, selection: SelectionRules
+) -> bool:
+    """Apply the selection rules to one complete series; mark and audit it when skipped."""
+    study_uid = series.study.study_instance_uid
+    folder = spool.series_dir(study_uid, series.series_instance_uid)
+    decision = select_series(folder, selection)
+    if decision.analyse:
+        for image in decision.dropped:
+            logger.info("Series %s: %s left out by the selection rules", series.series_instance_uid, image)
+        return False
+
+    series.state = SeriesState.SKIPPED
+    add_audit_event(
+        session,
+        AuditKind.SERIES_SKIPPED,
+        study_uid=study_uid,
+        series_uid=series.series_instance_uid,
+        calling_ae_title=series.calling_ae_title,
+        message=f"not analysed: {decision.reason}",
+    )
+    logger.info("Series %s skipped: %s", series.series_instance_uid, decision.reason)
+    return True
 
 
 def sweep_delivery_retries(
@@ -139,7 +181,7 @@ class SeriesScheduler:
     Parameters
     ----------
     settings : Settings
-        Uses ``settings.series``.
+        Uses ``settings.series``, ``settings.selection`` and ``settings.spool_dir``.
     engine : sqlalchemy.Engine
         Node database.
     queue : JobQueue
@@ -150,12 +192,25 @@ class SeriesScheduler:
         self.settings = settings
         self.engine = engine
         self.queue = queue
+        self.spool = Spool(settings.spool_dir)  # type: ignore[arg-type]
+        rules = settings.selection
+        self.selection = SelectionRules(
+            min_slices=rules.min_slices,
+            image_type_values=tuple(rules.image_type_values),
+            orientation_tolerance_deg=rules.orientation_tolerance_deg,
+        )
         self._scheduler = BackgroundScheduler(timezone=dt.timezone.utc)
 
     def sweep(self) -> None:
         """Run both sweeps once; errors are logged so the next sweep still runs."""
         try:
-            sweep_complete_series(self.engine, self.queue, self.settings.series.quiet_time_s)
+            sweep_complete_series(
+                self.engine,
+                self.queue,
+                self.settings.series.quiet_time_s,
+                spool=self.spool,
+                selection=self.selection,
+            )
             sweep_delivery_retries(self.engine, self.queue)
         except Exception:  # noqa: BLE001 - keep sweeping, the error is logged
             logger.exception("Scheduler sweep failed; trying again at the next interval")

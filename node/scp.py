@@ -9,19 +9,26 @@ C-STORE statuses returned (PS3.4 Annex B.2.3):
 - ``0x0000`` Success, also for a resend of an already stored instance.
 - ``0xA900`` Error, "Data Set does not match SOP Class": a Type 1 attribute the node needs
   (StudyInstanceUID, SeriesInstanceUID, SOPInstanceUID) is missing, empty or not a valid UID,
-  Modality is not CT, or SOPInstanceUID differs from the Affected SOP Instance UID of the
-  request.
+  a CT Image Storage instance lacks ImagePositionPatient, ImageOrientationPatient or
+  PixelSpacing (or has the wrong number of values), Modality of a CT instance is not CT, or
+  SOPInstanceUID differs from the Affected SOP Instance UID of the request.
 - ``0xC000`` Failure, "Cannot understand": the data set cannot be decoded.
 - ``0xA700`` Refused, "Out of resources": the spool or the database cannot be written.
 
 A rejected instance does not end the association; the next C-STORE is handled as usual.
+An association aborted by the peer or the network is logged and audited with the number of
+instances stored and rejected on it, so an interrupted send can be found and repeated.
+
+Besides CT the SCP stores the other objects a PACS sends with a CT study (secondary
+captures, dose reports), so a whole-study send does not fail; the scheduler then skips
+those series with an audited reason (see :mod:`node.selection`).
 """
 
 from __future__ import annotations
 
 import logging
 import threading
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 from pydicom import uid as dicom_uid
 from pydicom.dataset import Dataset
@@ -29,9 +36,13 @@ from pydicom.pixels import get_decoder
 from pynetdicom import AE, evt
 from pynetdicom.events import Event
 from pynetdicom.sop_class import (  # type: ignore[attr-defined]
+    ComprehensiveSRStorage,
     CTImageStorage,
     EnhancedCTImageStorage,
+    EnhancedSRStorage,
+    SecondaryCaptureImageStorage,
     Verification,
+    XRayRadiationDoseSRStorage,
 )
 from pynetdicom.transport import ThreadedAssociationServer
 from sqlalchemy import Engine, select
@@ -51,8 +62,23 @@ STATUS_OUT_OF_RESOURCES = 0xA700
 STATUS_DATASET_DOES_NOT_MATCH_SOP_CLASS = 0xA900
 STATUS_CANNOT_UNDERSTAND = 0xC000
 
+#: CT storage SOP classes; instances of them must be Modality CT.
+CT_SOP_CLASSES = (CTImageStorage, EnhancedCTImageStorage)
+
+#: Other objects of a CT study that the node stores, so that a whole-study send succeeds,
+#: and never analyses.
+COMPANION_SOP_CLASSES = (
+    SecondaryCaptureImageStorage,
+    XRayRadiationDoseSRStorage,
+    EnhancedSRStorage,
+    ComprehensiveSRStorage,
+)
+
 #: Storage SOP classes the node accepts.
-STORAGE_SOP_CLASSES = (CTImageStorage, EnhancedCTImageStorage)
+STORAGE_SOP_CLASSES = CT_SOP_CLASSES + COMPANION_SOP_CLASSES
+
+#: Geometry attributes of a single-frame CT image and their value multiplicity.
+REQUIRED_GEOMETRY = {"ImagePositionPatient": 3, "ImageOrientationPatient": 6, "PixelSpacing": 2}
 
 #: Transfer syntaxes the node offers to accept, in order of preference, before the check
 #: that pydicom can decode their pixel data in this environment.
@@ -76,7 +102,10 @@ REQUIRED_UID_KEYWORDS = ("StudyInstanceUID", "SeriesInstanceUID", "SOPInstanceUI
 
 REQUIRED_MODALITY = "CT"
 
-#: pynetdicom rejection diagnostic for "calling-AE-title-not-recognized" (PS3.8 9.3.4).
+#: A-ASSOCIATE-RJ fields for "calling-AE-title-not-recognized" (PS3.8 9.3.4): result
+#: rejected-permanent (1), source DICOM UL service-user (1), reason 3.
+REJECT_RESULT_PERMANENT = 0x01
+REJECT_SOURCE_SERVICE_USER = 0x01
 REJECT_CALLING_AE_NOT_RECOGNISED = 0x03
 
 
@@ -114,6 +143,26 @@ class _InstanceAttributes:
     accession_number: str | None
     study_date: str | None
     series_description: str | None
+    geometry_problems: tuple[str, ...] = ()
+
+
+@dataclass
+class _AssociationTally:
+    """Instances stored and rejected on one association, for the audit event of an abort."""
+
+    stored: int = 0
+    rejected: int = 0
+    series_uids: set[str] = field(default_factory=set)
+
+
+def normalise_ae_title(title: str) -> str:
+    """Return an AE title without leading and trailing spaces, in upper case.
+
+    Leading and trailing spaces of an AE title are not significant (PS3.5, value
+    representation AE). Case is compared loosely because PACS configurations spell the
+    same title in different case.
+    """
+    return title.strip().upper()
 
 
 class StorageSCP:
@@ -145,6 +194,7 @@ class StorageSCP:
         # Serialises spool-and-record steps so two associations cannot create the same
         # study or series row at once within this process.
         self._store_lock = threading.Lock()
+        self._tallies: dict[int, _AssociationTally] = {}
 
     @property
     def port(self) -> int:
@@ -163,6 +213,7 @@ class StorageSCP:
         """
         scp = self.settings.scp
         handlers = [
+            (evt.EVT_REQUESTED, self._handle_requested),
             (evt.EVT_C_STORE, self._handle_store),
             (evt.EVT_C_ECHO, self._handle_echo),
             (evt.EVT_ACCEPTED, self._handle_accepted),
@@ -196,7 +247,8 @@ class StorageSCP:
         ae.dimse_timeout = scp.dimse_timeout_s
         ae.network_timeout = scp.network_timeout_s
         ae.maximum_pdu_size = scp.max_pdu_bytes
-        ae.require_calling_aet = list(scp.allowed_calling_ae_titles)
+        # Calling AE titles and peer addresses are checked together in _handle_requested.
+        ae.require_calling_aet = []
 
         transfer_syntaxes = supported_transfer_syntaxes()
         for sop_class in STORAGE_SOP_CLASSES:
@@ -212,6 +264,64 @@ class StorageSCP:
 
     # Association events ---------------------------------------------------------------
 
+    def is_peer_allowed(self, calling_ae_title: str, address: str) -> bool:
+        """Return whether a peer may associate, under ``scp.allowed_calling_ae_titles`` and
+        ``scp.allowed_peers``.
+
+        Parameters
+        ----------
+        calling_ae_title : str
+            Calling AE title of the A-ASSOCIATE request.
+        address : str
+            IP address the request came from.
+
+        Titles are compared with :func:`normalise_ae_title`: padding and case do not matter.
+        """
+        scp = self.settings.scp
+        if not scp.allowed_calling_ae_titles and not scp.allowed_peers:
+            return True
+        title = normalise_ae_title(calling_ae_title)
+        if title in (normalise_ae_title(allowed) for allowed in scp.allowed_calling_ae_titles):
+            return True
+        return any(
+            normalise_ae_title(peer.ae_title) == title and peer.host.strip() == address
+            for peer in scp.allowed_peers
+        )
+
+    def _handle_requested(self, event: Event) -> None:
+        assoc = event.assoc
+        requestor = assoc.requestor
+        calling_ae = str(requestor.primitive.calling_ae_title or "").strip()
+        address = str(requestor.address)
+        if self.is_peer_allowed(calling_ae, address):
+            return
+
+        scp = self.settings.scp
+        reason = (
+            f"calling AE title {calling_ae!r} from {address} is not in "
+            f"scp.allowed_calling_ae_titles ({', '.join(scp.allowed_calling_ae_titles) or 'none'})"
+            " and matches no scp.allowed_peers entry "
+            f"({', '.join(f'{p.ae_title}@{p.host}' for p in scp.allowed_peers) or 'none'}); "
+            "rejected with reason calling-AE-title-not-recognized"
+        )
+        logger.warning(
+            "Association from %s:%s rejected: %s", address, requestor.port, reason
+        )
+        # Audit first, so the event is stored by the time the peer reads the rejection.
+        try:
+            record_audit_event(
+                self.engine,
+                AuditKind.ASSOCIATION_REJECTED,
+                calling_ae_title=calling_ae[:16],
+                message=f"peer {address}:{requestor.port}: {reason}",
+            )
+        except SQLAlchemyError:
+            logger.exception("Could not record the rejected association in the audit log")
+        assoc.acse.send_reject(
+            REJECT_RESULT_PERMANENT, REJECT_SOURCE_SERVICE_USER, REJECT_CALLING_AE_NOT_RECOGNISED
+        )
+        assoc.kill()
+
     def _handle_accepted(self, event: Event) -> None:
         requestor = event.assoc.requestor
         logger.info(
@@ -223,6 +333,7 @@ class StorageSCP:
 
     def _handle_released(self, event: Event) -> None:
         requestor = event.assoc.requestor
+        self._tallies.pop(id(event.assoc), None)
         logger.info(
             "Association released by calling AE %s at %s:%s",
             requestor.ae_title,
@@ -232,12 +343,23 @@ class StorageSCP:
 
     def _handle_aborted(self, event: Event) -> None:
         requestor = event.assoc.requestor
-        logger.warning(
-            "Association with calling AE %s at %s:%s aborted",
-            requestor.ae_title,
-            requestor.address,
-            requestor.port,
+        tally = self._tallies.pop(id(event.assoc), _AssociationTally())
+        series = ", ".join(sorted(tally.series_uids)) or "none"
+        message = (
+            f"association from {requestor.address}:{requestor.port} aborted after "
+            f"{tally.stored} stored and {tally.rejected} rejected instance(s) (series {series}); "
+            "an instance in transfer at the abort was not stored and must be sent again"
         )
+        logger.warning("Association with calling AE %s: %s", requestor.ae_title, message)
+        try:
+            record_audit_event(
+                self.engine,
+                AuditKind.ASSOCIATION_ABORTED,
+                calling_ae_title=str(requestor.ae_title).strip()[:16],
+                message=message,
+            )
+        except SQLAlchemyError:
+            logger.exception("Could not record the aborted association in the audit log")
 
     def _handle_rejected(self, event: Event) -> None:
         requestor = event.assoc.requestor
@@ -272,7 +394,18 @@ class StorageSCP:
     # C-STORE --------------------------------------------------------------------------
 
     def _handle_store(self, event: Event) -> int:
-        calling_ae = event.assoc.requestor.ae_title
+        status, series_uid = self._store(event)
+        tally = self._tallies.setdefault(id(event.assoc), _AssociationTally())
+        if status == STATUS_SUCCESS:
+            tally.stored += 1
+            tally.series_uids.add(series_uid)
+        else:
+            tally.rejected += 1
+        return status
+
+    def _store(self, event: Event) -> tuple[int, str]:
+        """Validate, spool and record one instance; return the status and the series UID."""
+        calling_ae = str(event.assoc.requestor.ae_title).strip()
         affected_sop_uid = str(event.request.AffectedSOPInstanceUID or "")
 
         try:
@@ -288,7 +421,7 @@ class StorageSCP:
                 message,
             )
             self._audit_rejection(calling_ae, affected_sop_uid, None, None, message)
-            return STATUS_CANNOT_UNDERSTAND
+            return STATUS_CANNOT_UNDERSTAND, ""
 
         problem = _validate_attributes(attributes, affected_sop_uid)
         if problem is not None:
@@ -306,7 +439,7 @@ class StorageSCP:
                 attributes.series_uid,
                 problem,
             )
-            return STATUS_DATASET_DOES_NOT_MATCH_SOP_CLASS
+            return STATUS_DATASET_DOES_NOT_MATCH_SOP_CLASS, attributes.series_uid
 
         encoded = event.encoded_dataset()
         transfer_syntax_uid = str(event.context.transfer_syntax)
@@ -325,9 +458,9 @@ class StorageSCP:
                 STATUS_OUT_OF_RESOURCES,
                 error,
             )
-            return STATUS_OUT_OF_RESOURCES
+            return STATUS_OUT_OF_RESOURCES, attributes.series_uid
 
-        return STATUS_SUCCESS
+        return STATUS_SUCCESS, attributes.series_uid
 
     def _spool_and_record(
         self,
@@ -448,7 +581,21 @@ def _read_attributes(dataset: Dataset) -> _InstanceAttributes:
         accession_number=optional("AccessionNumber", 16),
         study_date=optional("StudyDate", 8),
         series_description=optional("SeriesDescription", 64),
+        geometry_problems=_geometry_problems(dataset) if text("SOPClassUID") == CTImageStorage else (),
     )
+
+
+def _geometry_problems(dataset: Dataset) -> tuple[str, ...]:
+    """Describe missing or malformed geometry attributes of a single-frame CT image."""
+    problems = []
+    for keyword, multiplicity in REQUIRED_GEOMETRY.items():
+        element = dataset.get(keyword)
+        values = [] if element is None or element == "" else list(element)
+        if not values:
+            problems.append(f"{keyword} is missing or empty")
+        elif len(values) != multiplicity:
+            problems.append(f"{keyword} has {len(values)} values, {multiplicity} are required")
+    return tuple(problems)
 
 
 def _validate_attributes(attributes: _InstanceAttributes, affected_sop_uid: str) -> str | None:
@@ -467,10 +614,17 @@ def _validate_attributes(attributes: _InstanceAttributes, affected_sop_uid: str)
         details = ", ".join(f"{keyword} {values[keyword]!r}" for keyword in invalid)
         return f"invalid UID (expected up to 64 digits and periods): {details}"
 
-    if attributes.modality != REQUIRED_MODALITY:
+    if attributes.sop_class_uid in CT_SOP_CLASSES and attributes.modality != REQUIRED_MODALITY:
         return (
             f"Modality is {attributes.modality!r}, expected {REQUIRED_MODALITY!r} for "
             "CT Image Storage and Enhanced CT Image Storage"
+        )
+
+    if attributes.geometry_problems:
+        return (
+            "the CT image has no usable geometry: "
+            + "; ".join(attributes.geometry_problems)
+            + "; the volume cannot be reconstructed without it"
         )
 
     if affected_sop_uid and attributes.sop_uid != affected_sop_uid:

@@ -14,7 +14,9 @@ import datetime as dt
 import json
 import logging
 import threading
+import time
 from collections.abc import Callable, Sequence
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Protocol
 
@@ -33,6 +35,9 @@ logger = logging.getLogger(__name__)
 
 RESULT_FILE_NAME = "result.json"
 
+#: Subfolder of a series output folder holding the outputs of earlier, replaced jobs.
+REPLACED_DIR_NAME = "replaced"
+
 #: Output keys of the analysis result that are delivered, in sending order.
 DELIVERED_OUTPUTS = ("seg", "sr")
 
@@ -41,6 +46,9 @@ DELIVERED_OUTPUTS = ("seg", "sr")
 STORED_STATUSES = frozenset({0x0000, 0xB000, 0xB006, 0xB007})
 
 ProgressCallback = Callable[[str], None]
+
+#: Seconds each confirmation query may take before it counts as failed.
+CONFIRM_QUERY_TIMEOUT_S = 30.0
 
 
 class AnalysisCallable(Protocol):
@@ -168,6 +176,50 @@ class Worker:
         logger.info("Worker %s stopped", self.name)
         return True
 
+    def deliver(self, job_id: int) -> str:
+        """Deliver the stored SEG and SR of an analysed job again, and confirm them.
+
+        Used by ``livernode resend``: the outputs on disk are sent whatever the job's
+        state and retry count, and the job ends ``succeeded`` (delivered and confirmed) or
+        ``delivery_failed``.
+
+        Parameters
+        ----------
+        job_id : int
+            A job whose analysis finished (``result`` set).
+
+        Returns
+        -------
+        str
+            The job's final state.
+
+        Raises
+        ------
+        ValueError
+            When no job has that id or it has no analysis result to deliver.
+        """
+        with session_scope(self.engine) as session:
+            job = session.get(Job, job_id)
+            if job is None:
+                raise ValueError(f"No job with id {job_id}")
+            if job.result is None:
+                raise ValueError(
+                    f"Job {job_id} has no analysis result (state {job.state}); nothing to resend"
+                )
+            previous_state = job.state
+            job.state = JobState.RUNNING
+            job.next_delivery_at = None
+            add_audit_event(
+                session,
+                AuditKind.RESEND_REQUESTED,
+                study_uid=job.series.study.study_instance_uid,
+                series_uid=job.series.series_instance_uid,
+                job_id=job_id,
+                message=f"resend of the stored SEG and SR to {_describe_destination(self.settings)}"
+                f" requested (previous state {previous_state}, {job.delivery_attempts} attempts)",
+            )
+        return self._deliver(job_id)
+
     def run_once(self) -> int | None:
         """Claim one queued job and process it; return its id, or None when none is queued."""
         job_id = self.queue.claim_next(self.name)
@@ -236,8 +288,11 @@ class Worker:
             logger.info("Job %d (series %s): %s", job_id, series_uid, stage)
 
         try:
+            previous = self._archive_previous_result(job_id, out_dir)
             result = self.analyse(input_dir, out_dir, self.settings, progress)
             result = json.loads(json.dumps(result, default=str))
+            replaced = _reference_predecessor(result, previous)
+            self._add_overlays(job_id, series_uid, input_dir, out_dir, result)
             write_atomically(
                 out_dir / RESULT_FILE_NAME, (json.dumps(result, indent=2) + "\n").encode()
             )
@@ -265,8 +320,86 @@ class Worker:
                 job_id=job_id,
                 message=_summarise_result(result),
             )
+            if replaced is not None:
+                add_audit_event(
+                    session,
+                    AuditKind.RESULT_REPLACED,
+                    study_uid=study_uid,
+                    series_uid=series_uid,
+                    job_id=job_id,
+                    message=replaced,
+                )
         logger.info("Job %d: %s", job_id, _summarise_result(result))
         return True
+
+    def _add_overlays(
+        self, job_id: int, series_uid: str, input_dir: Path, out_dir: Path, result: dict[str, Any]
+    ) -> None:
+        """Write the overlay PNG files and list them under ``result["outputs"]["overlays"]``.
+
+        A failure only adds a warning to the result, because the pictures are a preview and
+        the SEG and SR do not depend on them.
+        """
+        outputs = result.get("outputs")
+        mask_path = outputs.get("mask") if isinstance(outputs, dict) else None
+        if not mask_path or not Path(mask_path).is_file():
+            logger.debug("Job %d: no mask.nii.gz, so no overlay pictures", job_id)
+            return
+
+        from node.overlay import write_series_overlays
+
+        try:
+            outputs["overlays"] = write_series_overlays(input_dir, Path(mask_path), out_dir, result)
+        except Exception as error:  # noqa: BLE001 - a preview failure must not fail the job
+            reason = f"{error.__class__.__name__}: {error}"
+            logger.warning("Job %d: overlay pictures of series %s failed: %s", job_id, series_uid, reason)
+            result.setdefault("warnings", []).append(f"overlay pictures not written: {reason}")
+
+    def _archive_previous_result(self, job_id: int, out_dir: Path) -> _PreviousResult | None:
+        """Move the outputs of the series' last analysed job out of ``out_dir``.
+
+        A series analysed again (more instances arrived after its result) writes into the
+        same folder. The earlier SEG, SR and mask move to ``replaced/job-<id>/`` so that no
+        sent result is lost, and that job's output paths follow them.
+
+        Returns
+        -------
+        _PreviousResult or None
+            The earlier job and its moved SR, or None when the series has no earlier result.
+        """
+        with session_scope(self.engine) as session:
+            job = session.get(Job, job_id)
+            earlier = [
+                other
+                for other in job.series.jobs  # type: ignore[union-attr]
+                if other.id != job_id and other.output_paths and other.output_dir == str(out_dir)
+            ]
+            if not earlier:
+                return None
+            previous_job = max(earlier, key=lambda other: other.id)
+            archive = out_dir / REPLACED_DIR_NAME / f"job-{previous_job.id}"
+            archive.mkdir(parents=True, exist_ok=True)
+
+            moved: dict[str, Any] = {}
+            for key, value in dict(previous_job.output_paths or {}).items():
+                source = Path(value) if isinstance(value, str) else None
+                if source is not None and source.is_file() and source.parent == out_dir:
+                    target = archive / source.name
+                    source.replace(target)
+                    moved[key] = str(target)
+                else:
+                    moved[key] = value
+            result_file = out_dir / RESULT_FILE_NAME
+            if result_file.is_file():
+                result_file.replace(archive / RESULT_FILE_NAME)
+            previous_job.output_paths = moved
+            previous_job.output_dir = str(archive)
+            sr_path = moved.get("sr")
+            logger.info(
+                "Job %d: outputs of earlier job %d of the series moved to %s",
+                job_id, previous_job.id, archive,
+            )
+            return _PreviousResult(previous_job.id, Path(sr_path) if sr_path else None)
 
     def _finish_failed(self, job_id: int, reason: str) -> None:
         with session_scope(self.engine) as session:
@@ -308,6 +441,8 @@ class Worker:
                 records = self._copy_to_folder(paths, study_uid, series_uid)
             else:
                 records = self._send(paths)
+                if destination.confirm_delivery and records:
+                    self._confirm(job_id, study_uid, paths, records)
         except Exception as error:  # noqa: BLE001 - every delivery error is retried
             reason = f"{error.__class__.__name__}: {error}"
             return self._finish_delivery_failed(job_id, attempt, reason)
@@ -372,14 +507,25 @@ class Worker:
 
     def _send(self, paths: list[Path]) -> list[dict[str, Any]]:
         destination = self.settings.destination
-        results = self.sender(
-            paths,
-            ae_title=destination.ae_title,
-            host=destination.host,
-            port=destination.port,
-            calling_ae_title=destination.calling_ae_title,
-            timeout_s=destination.send_timeout_s,
-        )
+        if destination.kind == "dicomweb":
+            from dicom_io.dicomweb import stow_files
+
+            results = stow_files(
+                paths,
+                url=destination.url,
+                username=destination.username,
+                password=destination.read_password(),
+                timeout_s=destination.send_timeout_s,
+            )
+        else:
+            results = self.sender(
+                paths,
+                ae_title=destination.ae_title,
+                host=destination.host,
+                port=destination.port,
+                calling_ae_title=destination.calling_ae_title,
+                timeout_s=destination.send_timeout_s,
+            )
 
         if len(results) != len(paths):
             raise DeliveryError(f"the sender returned {len(results)} results for {len(paths)} files")
@@ -393,7 +539,9 @@ class Worker:
                     "destination": _describe_destination(self.settings),
                     "sop_instance_uid": str(result.sop_instance_uid),
                     "status": "no response" if status is None else f"0x{int(status):04X}",
-                    "stored": status is not None and int(status) in STORED_STATUSES,
+                    "stored": bool(result.stored)
+                    if isinstance(getattr(result, "stored", None), bool)
+                    else status is not None and int(status) in STORED_STATUSES,
                     "message": str(getattr(result, "message", "") or ""),
                 }
             )
@@ -406,6 +554,89 @@ class Worker:
             )
             raise DeliveryError(f"the destination did not store: {details}")
         return records
+
+    def _confirm(
+        self, job_id: int, study_uid: str, paths: list[Path], records: list[dict[str, Any]]
+    ) -> None:
+        """Query the destination until it lists every sent instance, or raise DeliveryError."""
+        destination = self.settings.destination
+        expected = {str(record["sop_instance_uid"]) for record in records}
+        series_uids = sorted({_read_series_instance_uid(path) for path in paths} - {None})
+        deadline = time.monotonic() + destination.confirm_timeout_s
+        found: set[str] = set()
+        last_error = ""
+        queries = 0
+
+        while True:
+            queries += 1
+            try:
+                found = self._query_destination(study_uid, series_uids)
+                last_error = ""
+            except Exception as error:  # noqa: BLE001 - retried until the deadline
+                last_error = f"{error.__class__.__name__}: {error}"
+                logger.warning(
+                    "Job %d: confirmation query %d for study %s failed: %s",
+                    job_id,
+                    queries,
+                    study_uid,
+                    last_error,
+                )
+            if expected <= found:
+                break
+            if time.monotonic() >= deadline:
+                missing = ", ".join(sorted(expected - found))
+                detail = f"; last query error: {last_error}" if last_error else ""
+                raise DeliveryError(
+                    f"the destination accepted the files but does not list SOP instance(s) "
+                    f"{missing} of study {study_uid} after {destination.confirm_timeout_s:g} s "
+                    f"({queries} queries){detail}"
+                )
+            time.sleep(destination.confirm_interval_s)
+
+        with session_scope(self.engine) as session:
+            job = session.get(Job, job_id)
+            add_audit_event(
+                session,
+                AuditKind.DELIVERY_CONFIRMED,
+                study_uid=study_uid,
+                series_uid=job.series.series_instance_uid,  # type: ignore[union-attr]
+                job_id=job_id,
+                message=f"{_describe_destination(self.settings)} lists the {len(expected)} sent "
+                f"instance(s) ({', '.join(sorted(expected))}) after {queries} "
+                f"{'query' if queries == 1 else 'queries'}",
+            )
+        logger.info(
+            "Job %d: delivery of %d instance(s) of study %s confirmed by query",
+            job_id,
+            len(expected),
+            study_uid,
+        )
+
+    def _query_destination(self, study_uid: str, series_uids: list[str]) -> set[str]:
+        destination = self.settings.destination
+        timeout_s = min(destination.send_timeout_s, CONFIRM_QUERY_TIMEOUT_S)
+        if destination.kind == "dicomweb":
+            from dicom_io.dicomweb import find_instances as find_dicomweb
+
+            return find_dicomweb(
+                study_uid,
+                url=destination.url,
+                username=destination.username,
+                password=destination.read_password(),
+                timeout_s=timeout_s,
+            )
+
+        from dicom_io.query import find_instances as find_dimse
+
+        return find_dimse(
+            study_uid,
+            series_uids,
+            ae_title=destination.ae_title,
+            host=destination.host,
+            port=destination.port,
+            calling_ae_title=destination.calling_ae_title,
+            timeout_s=timeout_s,
+        )
 
     def _finish_delivery_failed(self, job_id: int, attempt: int, reason: str) -> str:
         destination = self.settings.destination
@@ -444,11 +675,47 @@ class Worker:
         return JobState.DELIVERY_FAILED
 
 
+@dataclass(frozen=True)
+class _PreviousResult:
+    """The earlier analysed job of a series and its SR after archiving."""
+
+    job_id: int
+    sr_path: Path | None
+
+
+def _reference_predecessor(result: dict[str, Any], previous: _PreviousResult | None) -> str | None:
+    """Make the new SR reference the earlier SR; return the audit message, or None."""
+    if previous is None:
+        return None
+    new_sr = (result.get("outputs") or {}).get("sr")
+    if not new_sr or previous.sr_path is None or not previous.sr_path.is_file():
+        return f"replaces the result of job {previous.job_id}, which had no SR to reference"
+
+    from dicom_io.sr_versions import DocumentReference, add_predecessor
+
+    predecessor = DocumentReference.from_file(previous.sr_path)
+    add_predecessor(Path(new_sr), predecessor)
+    return (
+        f"replaces the result of job {previous.job_id}: the new SR references SR "
+        f"{predecessor.sop_instance_uid} in its PredecessorDocumentsSequence"
+    )
+
+
 def _describe_destination(settings: Settings) -> str:
     destination = settings.destination
     if destination.kind == "folder":
         return f"folder {destination.path}"
+    if destination.kind == "dicomweb":
+        return f"DICOMweb {destination.url}"
     return f"{destination.ae_title}@{destination.host}:{destination.port}"
+
+
+def _read_series_instance_uid(path: Path) -> str | None:
+    try:
+        dataset = dcmread(path, stop_before_pixels=True, specific_tags=["SeriesInstanceUID"])
+        return str(dataset.SeriesInstanceUID)
+    except (InvalidDicomError, AttributeError, OSError):
+        return None
 
 
 def _read_sop_instance_uid(path: Path) -> str | None:

@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import logging
 from dataclasses import dataclass
+from collections.abc import Iterator, Sequence
 from typing import Literal
 
 import torch
@@ -42,6 +43,11 @@ LEAKY_RELU_SLOPE = 0.01
 #: Number of voxels per float32 partial sum in instance normalisation; the partial sums are
 #: added in float64.
 _SUM_BLOCK = 1024
+
+#: Channels of the upsampled tensor built, normalised and convolved at a time on the expanding
+#: path. The first convolution of the liver network's finest expanding block then keeps about
+#: 1.7 GiB instead of 3.5 GiB for the default tile.
+UPSAMPLE_GROUP_CHANNELS = 10
 
 #: How far :meth:`UNet3D.input_size_for` searches above the requested output length.
 _MAX_SIZE_MARGIN = 4096
@@ -152,14 +158,45 @@ class UNetConfig:
         return (coarse[0] // fine[0], coarse[1] // fine[1], coarse[2] // fine[2])
 
 
-def _split_blocks(flat: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """Split the rows of a 2D tensor into whole blocks (a view) and the remaining tail."""
-    rows, length = flat.shape
-    whole = length - length % _SUM_BLOCK
-    return flat[:, :whole].view(rows, whole // _SUM_BLOCK, _SUM_BLOCK), flat[:, whole:]
+def _channel_view(x: torch.Tensor) -> tuple[torch.Tensor, bool]:
+    """Return ``x`` as a ``(N, voxels, C)`` view when it is channels-last, else ``(N * C, voxels)``.
+
+    The second value tells which of the two layouts the view has. Neither copies ``x``.
+    """
+    batch, channels = x.shape[:2]
+    if channels > 1 and x.is_contiguous(memory_format=torch.channels_last_3d):
+        return x.permute(0, 2, 3, 4, 1).view(batch, -1, channels), True
+    return x.reshape(batch * channels, -1), False
 
 
-def instance_normalize(x: torch.Tensor, epsilon: float = INSTANCE_NORM_EPSILON) -> torch.Tensor:
+def _blocked_sum(flat: torch.Tensor, channels_last: bool, square: bool) -> torch.Tensor:
+    """Sum over the voxel axis of a channel view in float32 blocks added in float64.
+
+    With ``square`` the sum of squares is taken (the squared norm of each block).
+    """
+    axis = 1 if channels_last else -1
+    voxels = flat.shape[axis]
+    whole = voxels - voxels % _SUM_BLOCK
+    if channels_last:
+        batch, _, channels = flat.shape
+        blocks = flat[:, :whole].view(batch, whole // _SUM_BLOCK, _SUM_BLOCK, channels)
+        tail = flat[:, whole:]
+        block_axis = 2
+    else:
+        rows = flat.shape[0]
+        blocks = flat[:, :whole].view(rows, whole // _SUM_BLOCK, _SUM_BLOCK)
+        tail = flat[:, whole:]
+        block_axis = -1
+    if square:
+        partial = torch.linalg.vector_norm(blocks, dim=block_axis).double().square().sum(dim=1)
+        return partial + tail.double().square().sum(dim=axis)
+    partial = blocks.sum(dim=block_axis).double().sum(dim=1)
+    return partial + tail.double().sum(dim=axis)
+
+
+def instance_normalize(
+    x: torch.Tensor, epsilon: float = INSTANCE_NORM_EPSILON, *, inplace: bool = False
+) -> torch.Tensor:
     """Normalise each channel of each sample to zero mean and unit standard deviation.
 
     Computes ``(x - mean) / (std + epsilon)`` over the spatial axes with the population
@@ -174,46 +211,62 @@ def instance_normalize(x: torch.Tensor, epsilon: float = INSTANCE_NORM_EPSILON) 
     Parameters
     ----------
     x : torch.Tensor
-        Tensor of shape ``(N, C, X, Y, Z)``.
+        Tensor of shape ``(N, C, X, Y, Z)``, contiguous or channels-last
+        (``torch.channels_last_3d``).
     epsilon : float
         Value added to the standard deviation.
+    inplace : bool
+        Overwrite ``x`` with the result instead of allocating a new tensor. Use it only when
+        nothing else reads ``x`` afterwards.
 
     Returns
     -------
     torch.Tensor
-        New contiguous tensor with the shape and dtype of ``x``.
+        Tensor with the shape, dtype and memory format of ``x`` (``x`` itself when
+        ``inplace``).
     """
-    flat = x.reshape(x.shape[0] * x.shape[1], -1)
+    if not inplace:
+        x = x.clone(memory_format=torch.preserve_format)
+    flat, channels_last = _channel_view(x)
+    if flat.data_ptr() != x.data_ptr() or not flat.is_contiguous():
+        raise ValueError("instance_normalize needs a contiguous or channels-last tensor")
     voxels = flat.shape[1]
 
-    blocks, tail = _split_blocks(flat)
-    mean = (blocks.sum(dim=-1).double().sum(dim=-1) + tail.double().sum(dim=-1)) / voxels
+    mean = _blocked_sum(flat, channels_last, square=False) / voxels
     mean_rounded = mean.to(x.dtype)
-    centred = flat - mean_rounded[:, None]
+    # Broadcast the per-(sample, channel) statistics over the voxel axis of the view.
+    expand = (lambda v: v[:, None, :]) if channels_last else (lambda v: v[:, None])
+    flat.sub_(expand(mean_rounded))
 
     # The variance is taken around the float32-rounded mean and corrected for the rounding.
-    blocks, tail = _split_blocks(centred)
-    squares = torch.linalg.vector_norm(blocks, dim=-1).double().square().sum(dim=-1)
-    squares += tail.double().square().sum(dim=-1)
+    squares = _blocked_sum(flat, channels_last, square=True)
     rounding = mean - mean_rounded.double()
     variance = (squares / voxels - rounding.square()).clamp_min(0.0)
     scale = 1.0 / (variance.sqrt() + epsilon)
 
     # centred * scale - rounding * scale, in place.
-    offset = (-rounding * scale).to(x.dtype)[:, None]
-    torch.addcmul(offset, centred, scale.to(x.dtype)[:, None], out=centred)
-    return centred.view(x.shape)
+    offset = expand((-rounding * scale).to(x.dtype))
+    torch.addcmul(offset, flat, expand(scale.to(x.dtype)), out=flat)
+    return x
 
 
-def _normalize_activate(x: torch.Tensor) -> torch.Tensor:
-    return F.leaky_relu_(instance_normalize(x), LEAKY_RELU_SLOPE)
+def _normalize_activate_(x: torch.Tensor) -> torch.Tensor:
+    """Instance-normalise and activate ``x`` in place; the caller gives up ``x``."""
+    return F.leaky_relu_(instance_normalize(x, inplace=True), LEAKY_RELU_SLOPE)
+
+
+def _memory_format(x: torch.Tensor) -> torch.memory_format:
+    """Return channels-last when ``x`` is stored channels-last with several channels."""
+    if x.ndim == 5 and x.shape[1] > 1 and x.is_contiguous(memory_format=torch.channels_last_3d):
+        return torch.channels_last_3d
+    return torch.contiguous_format
 
 
 def _upsample_linear_axis(x: torch.Tensor, axis: int, factor: int) -> torch.Tensor:
     length = x.shape[axis]
     shape = list(x.shape)
     shape[axis] = factor * (length - 1) + 1
-    out = x.new_empty(shape)
+    out = torch.empty(shape, dtype=x.dtype, device=x.device, memory_format=_memory_format(x))
 
     # Output sample factor * k + r lies at r / factor between input samples k and k + 1.
     lower = x.narrow(axis, 0, length - 1)
@@ -276,22 +329,55 @@ def center_crop(x: torch.Tensor, size: tuple[int, ...]) -> torch.Tensor:
     return x[tuple(slices)]
 
 
+def _weights_channels_last(weight: torch.Tensor) -> torch.Tensor:
+    """Return convolution weights channels-last, so oneDNN keeps channels-last activations."""
+    return weight.contiguous(memory_format=torch.channels_last_3d)
+
+
 def _conv(in_channels: int, out_channels: int, kernel: Size3, padding: str) -> nn.Conv3d:
     pad = tuple(k // 2 for k in kernel) if padding == "same" else 0
     return nn.Conv3d(in_channels, out_channels, kernel_size=kernel, padding=pad)
 
 
-def pointwise_conv(conv: nn.Conv3d, x: torch.Tensor) -> torch.Tensor:
+def pointwise_conv(
+    conv: nn.Conv3d, x: torch.Tensor, in_channels: slice | None = None, bias: bool = True
+) -> torch.Tensor:
     """Apply a 1x1x1 ``conv`` to ``x`` as a matrix product.
 
     On CPU, PyTorch 2.13's oneDNN convolution was about 20 times slower than a BLAS matrix
     product for a 1x1x1 kernel with few output channels (0.52 s against 0.02 s for the 20 -> 1
     head on a 163 x 136 x 136 tile, 2 threads on an AMD EPYC).
+
+    Parameters
+    ----------
+    conv : torch.nn.Conv3d
+        Convolution with a 1x1x1 kernel.
+    x : torch.Tensor
+        Tensor of shape ``(N, C, X, Y, Z)``, contiguous, channels-last or a crop of either.
+    in_channels : slice or None
+        Input channels of ``conv`` that ``x`` holds, when ``x`` is one part of a concatenated
+        input; None for all of them.
+    bias : bool
+        Add the convolution's bias.
+
+    Returns
+    -------
+    torch.Tensor
+        Tensor of shape ``(N, out_channels, X, Y, Z)``, channels-last when ``x`` has several
+        channels and is channels-last.
     """
     batch, channels = x.shape[:2]
-    weight = conv.weight.view(conv.out_channels, channels)
+    weight = conv.weight.view(conv.out_channels, conv.in_channels)
+    if in_channels is not None:
+        weight = weight[:, in_channels]
+    if channels > 1 and _memory_format(x) == torch.channels_last_3d:
+        # (N, X, Y, Z, C) rows times the transposed weight: no copy of x.
+        out = torch.matmul(x.permute(0, 2, 3, 4, 1), weight.t())
+        if bias and conv.bias is not None:
+            out += conv.bias
+        return out.permute(0, 4, 1, 2, 3)
     out = torch.matmul(weight, x.reshape(batch, channels, -1))
-    if conv.bias is not None:
+    if bias and conv.bias is not None:
         out += conv.bias.view(1, -1, 1)
     return out.view(batch, conv.out_channels, *x.shape[2:])
 
@@ -326,6 +412,7 @@ class ConvBlock(nn.Module):
     ) -> None:
         super().__init__()
         self.raw_input = raw_input
+        self.padding = padding
         self.convs = nn.ModuleList()
         channels = in_channels
         for kernel, out_channels in zip(kernels, features):
@@ -338,21 +425,75 @@ class ConvBlock(nn.Module):
         if residual and in_channels != channels:
             self.shortcut = _conv(in_channels, channels, (1, 1, 1), padding)
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        """Apply the block to ``x`` of shape ``(N, C, X, Y, Z)``."""
-        # A residual block keeps its input for the shortcut.
-        block_input = x if self.residual else None
-        for index, conv in enumerate(self.convs):
-            if index > 0 or not self.raw_input:
-                x = _normalize_activate(x)
-            x = conv(x)
+    def output_size_for(self, input_size: Sequence[int]) -> Size3:
+        """Return the spatial size of the block output for an input of ``input_size``."""
+        if self.padding != "valid":
+            return tuple(int(n) for n in input_size)
+        return tuple(
+            int(n) - sum(conv.kernel_size[axis] - 1 for conv in self.convs)
+            for axis, n in enumerate(input_size)
+        )
 
-        if block_input is not None:
-            shortcut = center_crop(block_input, x.shape[2:])
-            if self.shortcut is not None:
-                shortcut = pointwise_conv(self.shortcut, shortcut)
-            x = x.add_(shortcut)
-        return x
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """Apply the block to ``x`` of shape ``(N, C, X, Y, Z)``; ``x`` is left unchanged."""
+        if not self.raw_input:
+            x = x.clone(memory_format=torch.preserve_format)
+        return self.forward_parts(iter([(0, x)]))
+
+    def forward_parts(self, parts: Iterator[tuple[int, torch.Tensor]]) -> torch.Tensor:
+        """Apply the block to an input given as channel groups, consuming each group.
+
+        The first convolution is linear in its input channels, so it is computed group by
+        group (``conv(concat(a, b)) = conv_a(a) + conv_b(b)``) and the concatenated input is
+        never built. Normalisation and activation act per channel, so each group is normalised
+        on its own, in place. Each group is released as soon as it has been used; only the
+        running sum of the first convolution's output stays.
+
+        Parameters
+        ----------
+        parts : iterator of (int, torch.Tensor)
+            First input channel of each group and the group, ``(N, c, X, Y, Z)``, all of the
+            same spatial size. The block overwrites the groups; the iterator must not keep them.
+
+        Returns
+        -------
+        torch.Tensor
+            The block output.
+        """
+        first = self.convs[0]
+        out: torch.Tensor | None = None
+        shortcut: torch.Tensor | None = None
+        for offset, part in parts:
+            selection = slice(offset, offset + part.shape[1])
+            if self.residual:
+                # The shortcut reads the block input before it is normalised in place.
+                cropped = center_crop(part, self.output_size_for(part.shape[2:]))
+                if self.shortcut is not None:
+                    contribution = pointwise_conv(self.shortcut, cropped, selection, bias=False)
+                else:
+                    contribution = cropped.clone(memory_format=torch.preserve_format)
+                del cropped
+                shortcut = contribution if shortcut is None else shortcut.add_(contribution)
+                del contribution
+
+            if not self.raw_input:
+                part = _normalize_activate_(part)
+            bias = first.bias if out is None else None
+            partial = F.conv3d(part, _weights_channels_last(first.weight[:, selection]), bias, padding=first.padding)
+            del part
+            out = partial if out is None else out.add_(partial)
+            del partial
+        if out is None:
+            raise ValueError("ConvBlock.forward_parts needs at least one input group")
+
+        for conv in self.convs[1:]:
+            out = F.conv3d(_normalize_activate_(out), _weights_channels_last(conv.weight), conv.bias, padding=conv.padding)
+
+        if shortcut is not None:
+            if self.shortcut is not None and self.shortcut.bias is not None:
+                shortcut += self.shortcut.bias.view(1, -1, 1, 1, 1)
+            out = out.add_(shortcut)
+        return out
 
 
 class UNet3D(nn.Module):
@@ -467,24 +608,50 @@ class UNet3D(nn.Module):
             )
         self.output_size_for(tuple(x.shape[2:]))
 
+        # Channels-last tensors let oneDNN convolve without reordering copies of input and
+        # output (1.8 GiB less for a 40 -> 40 convolution on the default liver tile).
+        x = x.contiguous(memory_format=torch.channels_last_3d)
         skips: list[torch.Tensor] = []
         for level, block in enumerate(self.down):
             if level > 0:
                 ratio = self.config.level_ratio(level)
                 x = F.max_pool3d(x, kernel_size=ratio, stride=ratio)
-            x = block(x)
+            x = block.forward_parts(iter([(0, x)]))
             skips.append(x)
         skips.pop()
 
         for level in reversed(range(len(self.up))):
-            x = self._upsample(x, self.config.level_ratio(level + 1))
-            skip = center_crop(skips.pop(), x.shape[2:])
-            x = torch.cat([skip, x], dim=1)
-            del skip
-            x = self.up[level](x)
+            ratio = self.config.level_ratio(level + 1)
+            size = self._upsampled_size(x.shape[2:], ratio)
+            # The holder is emptied by the parts generator so that no frame keeps the skip alive.
+            skip_holder = [center_crop(skips.pop(), size).contiguous(memory_format=torch.channels_last_3d)]
+            x = self.up[level].forward_parts(self._expanding_parts(skip_holder, x, ratio))
 
-        x = pointwise_conv(self.head, _normalize_activate(x))
+        x = pointwise_conv(self.head, _normalize_activate_(x))
         return torch.sigmoid_(x)
+
+    def _upsampled_size(self, size: Sequence[int], ratio: Size3) -> Size3:
+        if self.config.upsampling == "linear":
+            return tuple(r * (int(n) - 1) + 1 for n, r in zip(size, ratio))
+        return tuple(r * int(n) for n, r in zip(size, ratio))
+
+    def _expanding_parts(
+        self, skip_holder: list[torch.Tensor], coarse: torch.Tensor, ratio: Size3
+    ) -> Iterator[tuple[int, torch.Tensor]]:
+        """Yield the cropped skip, then the upsampled coarse tensor in channel groups.
+
+        Yields (first channel, group) pairs in the channel order of the Keras concatenation
+        ``[skip, upsampled]``. Each group is built only when the block asks for it.
+        """
+        skip_channels = skip_holder[0].shape[1]
+        yield 0, skip_holder.pop()
+        channels = coarse.shape[1]
+        for start in range(0, channels, UPSAMPLE_GROUP_CHANNELS):
+            stop = min(channels, start + UPSAMPLE_GROUP_CHANNELS)
+            group = coarse[:, start:stop].contiguous(memory_format=torch.channels_last_3d)
+            yield skip_channels + start, self._upsample(group, ratio).contiguous(
+                memory_format=torch.channels_last_3d
+            )
 
     def _output_length(self, length: int, axis: int) -> int | None:
         """Map an input length along ``axis`` to the output length, or None if invalid."""

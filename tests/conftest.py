@@ -7,6 +7,7 @@ test session in a session-scoped fixture and the tests share its outputs.
 from __future__ import annotations
 
 import os
+from collections.abc import Iterator
 from pathlib import Path
 
 import nibabel as nib
@@ -19,6 +20,9 @@ TOTALSEG = SHARED_DATA / "totalseg-example"
 
 #: TotalSegmentator label of the liver in the reference segmentations.
 REFERENCE_LIVER_LABEL = 5
+
+#: Patient Name of the example series; tests check that it appears in no log or web page.
+EXAMPLE_PATIENT_NAME = "Brightwater^Perpetua"
 
 #: Weights cache reused across test sessions on one machine; fetched by pip on first use.
 DEFAULT_TEST_WEIGHTS_CACHE = Path("/tmp/livernode-test-weights")
@@ -93,8 +97,36 @@ def example_dicom_series(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
     source = require_shared(TOTALSEG / "example_ct.nii.gz")
     folder = tmp_path_factory.mktemp("example-series")
-    write_ct_series(nib.load(str(source)), folder, shuffle_file_names=True)
+    write_ct_series(
+        nib.load(str(source)), folder, shuffle_file_names=True, patient_name=EXAMPLE_PATIENT_NAME
+    )
     return folder
+
+
+@pytest.fixture(scope="session")
+def round_trip(
+    tmp_path_factory: pytest.TempPathFactory, example_dicom_series: Path, weights_cache: Path
+) -> Iterator[dict]:
+    """``livernode serve`` with its web page analyses the example series once per session."""
+    from tests.node_process import run_round_trip
+
+    with run_round_trip(tmp_path_factory.mktemp("round-trip"), example_dicom_series, weights_cache) as run:
+        yield run
+
+
+@pytest.fixture(scope="session")
+def dicom_cli_run(tmp_path_factory: pytest.TempPathFactory, example_dicom_series: Path, node_settings) -> dict:
+    """``livernode segment`` on the DICOM series written from the real CT, run once.
+
+    Shared by the analysis tests and the SEG and SR validation tests.
+    """
+    from node.cli import main
+
+    out_dir = tmp_path_factory.mktemp("segment-dicom")
+    exit_code = main(
+        ["--config", str(node_settings.config_path), "segment", str(example_dicom_series), "--out", str(out_dir)]
+    )
+    return {"exit_code": exit_code, "out_dir": out_dir}
 
 
 @pytest.fixture(scope="session")

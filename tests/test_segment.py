@@ -44,14 +44,6 @@ RESULT_KEYS = {
 
 
 @pytest.fixture(scope="session")
-def dicom_cli_run(tmp_path_factory: pytest.TempPathFactory, example_dicom_series: Path, node_settings) -> dict:
-    """``livernode segment`` on the DICOM series written from the real CT, run once."""
-    out_dir = tmp_path_factory.mktemp("segment-dicom")
-    exit_code = main(["--config", str(node_settings.config_path), "segment", str(example_dicom_series), "--out", str(out_dir)])
-    return {"exit_code": exit_code, "out_dir": out_dir}
-
-
-@pytest.fixture(scope="session")
 def slab_runs(tmp_path_factory: pytest.TempPathFactory, slab_with_uids: Path, node_settings) -> dict:
     """``livernode segment`` on the real slab, once as distributed (blank UIDs) and once with UIDs."""
     source = require_shared(TOTALSEG / "ct-dicom")

@@ -270,6 +270,8 @@ def test_worker_sends_to_dicom_destination(node) -> None:
     settings.destination.ae_title = DESTINATION_AE_TITLE
     settings.destination.host = "127.0.0.1"
     settings.destination.send_timeout_s = 5
+    # This storage SCP answers no C-FIND; confirmed delivery is tested against Orthanc.
+    settings.destination.confirm_delivery = False
 
     with DestinationSCP() as destination:
         settings.destination.port = destination.port

@@ -1,0 +1,884 @@
+"""Performance benchmarks of the node on realistic CT series; regenerates ``docs/benchmarks.md``.
+
+Inputs are derived from the real abdominal CT ``../shared/data/totalseg-example/example_ct.nii.gz``:
+resampled to 512 x 512 pixels of 0.8 mm (air around the body) with N = 100, 300, 600 and 1000
+slices over its 336 mm, written as CT series with :func:`dicom_io.volume_writer.write_ct_series`
+and kept in a cache folder.
+
+Measured, all on the same inputs in one run:
+
+- end-to-end latency through a real ``livernode serve`` process: from the moment the sender got
+  the answer to the last C-STORE until the destination (a pynetdicom storage SCP with C-FIND)
+  has answered the node's C-FIND listing the SEG and the SR; seconds per stage; peak RSS of
+  every process; studies per hour with one worker when several studies queue up;
+- ingest: the node's SCP against DCMTK ``storescp``, both fed by DCMTK ``storescu``;
+- conversion: ``load_series`` + ``series_to_nifti`` against ``dcm2niix``;
+- SEG encoding: ``labels_to_source_frames`` + ``write_seg`` against dcmqi ``itkimage2segimage``;
+- windowing overhead: sliding-window inference against one forward pass over the same region;
+- the original pyliverlesionseg Keras networks on the same network inputs (``original_keras.py``
+  in a separate TensorFlow environment), with Dice between the resulting masks.
+
+Usage: python -m bench.run_benchmarks [--sizes 100,300,600,1000] [--runs 3] [--cache DIR]
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime as dt
+import json
+import logging
+import os
+import platform
+import shutil
+import signal
+import socket
+import statistics
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+from pathlib import Path
+from typing import Any
+
+import nibabel as nib
+import numpy as np
+
+REPO_ROOT = Path(__file__).resolve().parent.parent
+if str(REPO_ROOT) not in sys.path:
+    sys.path.insert(0, str(REPO_ROOT))
+
+from bench.main_job import TOTALSEG, resample_to_large  # noqa: E402
+
+logger = logging.getLogger("bench.run_benchmarks")
+
+DEFAULT_SIZES = (100, 300, 600, 1000)
+#: Sizes measured with several runs; the others get one run each.
+REPEATED_SIZES = (100, 300)
+REFERENCE_SIZE = 300
+NODE_AE_TITLE = "LIVERNODE"
+PACS_AE_TITLE = "BENCHPACS"
+SENDER_AE_TITLE = "MODALITY"
+SEG_SOP_CLASS = "1.2.840.10008.5.1.4.1.1.66.4"
+SR_SOP_CLASS = "1.2.840.10008.5.1.4.1.1.88.34"
+#: Quiet time after which the node considers a series complete, in s (part of the latency).
+QUIET_TIME_S = 1.0
+RESULT_TIMEOUT_S = 1800.0
+STAGES = ("conversion", "preprocessing", "liver_inference", "tumor_inference", "postprocessing",
+          "measurements", "seg_encode", "sr_encode")
+DOCS_PATH = REPO_ROOT / "docs" / "benchmarks.md"
+DEFAULT_KERAS_PYTHON = Path("/tmp/kerasenv/bin/python")
+DEFAULT_DCMQI_BIN = Path("/tmp/dcmqienv/bin")
+
+
+# Inputs -----------------------------------------------------------------------------------------
+
+
+def free_port() -> int:
+    """Return a free TCP port on 127.0.0.1."""
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        return int(probe.getsockname()[1])
+
+
+def series_folder(cache: Path, slices: int, copy: int = 0) -> Path:
+    """Return the cached 512 x 512 x ``slices`` series number ``copy``, writing it when missing.
+
+    Copies hold the same pixels with their own study, series and instance UIDs, so that the
+    node treats each as a new study.
+    """
+    import bench.main_job as main_job
+    from dicom_io.volume_writer import write_ct_series
+
+    folder = cache / f"series-512x512x{slices}" if copy == 0 else cache / f"series-512x512x{slices}-copy{copy}"
+    if folder.exists():
+        return folder
+    main_job.LARGE_SLICES = slices
+    partial = folder.with_name(folder.name + ".partial")
+    shutil.rmtree(partial, ignore_errors=True)
+    source = nib.load(str(TOTALSEG / "example_ct.nii.gz"))
+    started = time.perf_counter()
+    write_ct_series(resample_to_large(source), partial, patient_id=f"BENCH{slices}-{copy}",
+                    accession_number=f"B{slices}C{copy}")
+    partial.rename(folder)
+    logger.info("Wrote %s in %.1f s", folder, time.perf_counter() - started)
+    return folder
+
+
+def run_measured(command: list[str], **kwargs: Any) -> dict[str, Any]:
+    """Run ``command``; return its wall seconds, exit status and peak RSS (wait4's ru_maxrss)."""
+    started = time.perf_counter()
+    process = subprocess.Popen(command, **kwargs)
+    _, status, usage = os.wait4(process.pid, 0)
+    process.returncode = os.waitstatus_to_exitcode(status)
+    return {"seconds": time.perf_counter() - started, "returncode": process.returncode,
+            "peak_rss_mb": usage.ru_maxrss / 1024.0}
+
+
+def storescu(folder: Path, port: int, called_ae: str) -> dict[str, Any]:
+    """Send every file of ``folder`` over one association with DCMTK ``storescu``."""
+    result = run_measured(
+        ["storescu", "-aet", SENDER_AE_TITLE, "-aec", called_ae, "+sd", "127.0.0.1", str(port), str(folder)],
+        stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
+    )
+    if result["returncode"] != 0:
+        raise RuntimeError(f"storescu to port {port} failed with status {result['returncode']}")
+    result["instances"] = sum(1 for _ in folder.iterdir())
+    return result
+
+
+# Destination PACS ---------------------------------------------------------------------------------
+
+
+class BenchPacs:
+    """Storage SCP with Study Root C-FIND on 127.0.0.1 that records when it confirmed results."""
+
+    def __init__(self, folder: Path) -> None:
+        from pynetdicom import AE, evt
+        from pynetdicom.sop_class import (  # type: ignore[attr-defined]
+            Comprehensive3DSRStorage,
+            SegmentationStorage,
+            StudyRootQueryRetrieveInformationModelFind,
+            Verification,
+        )
+
+        self.folder = folder
+        self.port = free_port()
+        self._lock = threading.Lock()
+        #: study UID -> {SOP class UID: (SOP instance UID, series UID)}
+        self.stored: dict[str, dict[str, tuple[str, str]]] = {}
+        #: study UID -> time.time() of the first C-FIND answer listing both SEG and SR
+        self.confirmed_at: dict[str, float] = {}
+        ae = AE(ae_title=PACS_AE_TITLE)
+        for sop_class in (SegmentationStorage, Comprehensive3DSRStorage, Verification,
+                          StudyRootQueryRetrieveInformationModelFind):
+            ae.add_supported_context(sop_class)
+        self._server = ae.start_server(("127.0.0.1", self.port), block=False,
+                                       evt_handlers=[(evt.EVT_C_STORE, self._store), (evt.EVT_C_FIND, self._find)])
+
+    def _store(self, event: Any) -> int:
+        dataset = event.dataset
+        dataset.file_meta = event.file_meta
+        dataset.save_as(self.folder / f"{dataset.SOPInstanceUID}.dcm", enforce_file_format=True)
+        with self._lock:
+            self.stored.setdefault(dataset.StudyInstanceUID, {})[dataset.SOPClassUID] = (
+                dataset.SOPInstanceUID, dataset.SeriesInstanceUID)
+        return 0x0000
+
+    def _find(self, event: Any) -> Any:
+        from pydicom.dataset import Dataset
+
+        query = event.identifier
+        study = str(query.get("StudyInstanceUID", ""))
+        with self._lock:
+            stored = dict(self.stored.get(study, {}))
+        for sop_class, (sop_uid, series_uid) in stored.items():
+            if query.get("SeriesInstanceUID") not in ("", None, series_uid):
+                continue
+            match = Dataset()
+            match.QueryRetrieveLevel = "IMAGE"
+            match.StudyInstanceUID = study
+            match.SeriesInstanceUID = series_uid
+            match.SOPInstanceUID = sop_uid
+            match.SOPClassUID = sop_class
+            yield 0xFF00, match
+        if {SEG_SOP_CLASS, SR_SOP_CLASS} <= set(stored):
+            with self._lock:
+                self.confirmed_at.setdefault(study, time.time())
+        yield 0x0000, None
+
+    def shutdown(self) -> None:
+        self._server.shutdown()
+
+
+# The node -----------------------------------------------------------------------------------------
+
+
+class NodeProcess:
+    """A ``livernode serve`` subprocess with its own data folder and SQLite database."""
+
+    def __init__(self, work: Path, pacs_port: int, weights_cache: Path, nodelay: bool = False,
+                 memory_budget_mb: int | None = None) -> None:
+        self.work = work
+        self.port = free_port()
+        work.mkdir(parents=True, exist_ok=True)
+        self.database_url = f"sqlite:///{work / 'livernode.db'}"
+        analysis = f"[analysis]\nmemory_budget_mb = {memory_budget_mb}\n" if memory_budget_mb else ""
+        config = work / "livernode.toml"
+        config.write_text(
+            f'data_dir = "{work / "data"}"\nweights_cache_dir = "{weights_cache}"\n'
+            f'database_url = "{self.database_url}"\n'
+            f'[scp]\nae_title = "{NODE_AE_TITLE}"\nport = {self.port}\n'
+            f"[series]\nquiet_time_s = {QUIET_TIME_S}\nsweep_interval_s = 0.5\n"
+            f'[destination]\nkind = "dicom"\nae_title = "{PACS_AE_TITLE}"\nhost = "127.0.0.1"\n'
+            f"port = {pacs_port}\nconfirm_interval_s = 0.5\n"
+            "[web]\nenabled = false\n" + analysis,
+            encoding="utf-8",
+        )
+        bootstrap = "import bench.nodelay; bench.nodelay.install(); " if nodelay else ""
+        self.log_path = work / "serve.log"
+        self._log = open(self.log_path, "w", encoding="utf-8")
+        self.process = subprocess.Popen(
+            [sys.executable, "-c", bootstrap + "from node.cli import main; raise SystemExit(main())",
+             "--config", str(config), "serve"],
+            stdout=self._log, stderr=subprocess.STDOUT, cwd=REPO_ROOT,
+            env={**os.environ, "PYTHONUNBUFFERED": "1"},
+        )
+        self._wait_for_echo()
+
+    def _wait_for_echo(self, deadline_s: float = 120.0) -> None:
+        from pynetdicom import AE
+        from pynetdicom.sop_class import Verification  # type: ignore[attr-defined]
+
+        ae = AE(ae_title="ECHOSCU")
+        ae.add_requested_context(Verification)
+        stop_at = time.monotonic() + deadline_s
+        while time.monotonic() < stop_at:
+            if self.process.poll() is not None:
+                raise RuntimeError(f"livernode serve exited early:\n{self.log_path.read_text()[-3000:]}")
+            assoc = ae.associate("127.0.0.1", self.port, ae_title=NODE_AE_TITLE)
+            if assoc.is_established:
+                assoc.release()
+                return
+            time.sleep(0.5)
+        raise RuntimeError(f"livernode serve did not answer C-ECHO within {deadline_s} s")
+
+    def peak_rss_mb(self) -> float:
+        """Return the process's peak resident memory so far (VmHWM), in MiB."""
+        for line in Path(f"/proc/{self.process.pid}/status").read_text().splitlines():
+            if line.startswith("VmHWM:"):
+                return int(line.split()[1]) / 1024.0
+        return float("nan")
+
+    def jobs(self) -> dict[str, dict[str, Any]]:
+        """Return the job rows by study UID: state, stage seconds, timestamps (epoch s), result."""
+        from sqlalchemy import create_engine, text
+
+        engine = create_engine(self.database_url)
+        rows = {}
+        with engine.connect() as connection:
+            for row in connection.execute(text(
+                "SELECT studies.study_instance_uid, jobs.state, jobs.stage_seconds, jobs.created_at, "
+                "jobs.started_at, jobs.finished_at, jobs.delivered_at, jobs.result, jobs.error FROM jobs "
+                "JOIN series ON jobs.series_id = series.id JOIN studies ON series.study_id = studies.id"
+            )):
+                def epoch(value: Any) -> float | None:
+                    if value is None:
+                        return None
+                    parsed = value if isinstance(value, dt.datetime) else dt.datetime.fromisoformat(str(value))
+                    return parsed.replace(tzinfo=dt.timezone.utc).timestamp()
+
+                decode = lambda value: json.loads(value) if isinstance(value, str) else value  # noqa: E731
+                rows[row[0]] = {"state": row[1], "stage_seconds": decode(row[2]) or {},
+                                "created": epoch(row[3]), "started": epoch(row[4]),
+                                "finished": epoch(row[5]), "delivered": epoch(row[6]),
+                                "result": decode(row[7]) or {}, "error": row[8]}
+        engine.dispose()
+        return rows
+
+    def stop(self) -> None:
+        if self.process.poll() is None:
+            self.process.send_signal(signal.SIGTERM)
+            try:
+                self.process.wait(timeout=60)
+            except subprocess.TimeoutExpired:
+                self.process.kill()
+        self._log.close()
+
+
+def study_uid_of(folder: Path) -> str:
+    import pydicom
+
+    first = next(iter(sorted(folder.iterdir())))
+    return str(pydicom.dcmread(first, stop_before_pixels=True).StudyInstanceUID)
+
+
+def wait_confirmed(pacs: BenchPacs, node: NodeProcess, studies: list[str]) -> None:
+    stop_at = time.monotonic() + RESULT_TIMEOUT_S
+    while not all(study in pacs.confirmed_at for study in studies):
+        if node.process.poll() is not None:
+            raise RuntimeError(f"livernode serve exited:\n{node.log_path.read_text()[-3000:]}")
+        failed = [s for s, job in node.jobs().items() if s in studies and job["state"] in ("failed",)]
+        if failed:
+            raise RuntimeError(f"job failed for {failed}: {node.jobs()[failed[0]]['error']}")
+        if time.monotonic() > stop_at:
+            raise RuntimeError(f"no confirmed SEG and SR within {RESULT_TIMEOUT_S} s")
+        time.sleep(0.2)
+    # The node records the delivery right after its confirming query.
+    for _ in range(50):
+        if all(node.jobs().get(s, {}).get("delivered") for s in studies):
+            break
+        time.sleep(0.2)
+
+
+def end_to_end(cache: Path, work: Path, weights: Path, slices: int, runs: int) -> dict[str, Any]:
+    """Send ``runs`` copies of the series one after another through one node; time each."""
+    received = work / f"pacs-{slices}"
+    received.mkdir(parents=True, exist_ok=True)
+    pacs = BenchPacs(received)
+    node = NodeProcess(work / f"node-{slices}", pacs.port, weights)
+    records = []
+    try:
+        for run in range(runs):
+            folder = series_folder(cache, slices, copy=run)
+            study = study_uid_of(folder)
+            send = storescu(folder, node.port, NODE_AE_TITLE)
+            last_received = time.time()
+            wait_confirmed(pacs, node, [study])
+            job = node.jobs()[study]
+            stages = {name: float(job["stage_seconds"].get(name, 0.0)) for name in STAGES}
+            stages["send_and_confirm"] = pacs.confirmed_at[study] - job["finished"]
+            record = {
+                "slices": slices, "run": run, "receive_s": send["seconds"],
+                "instances": send["instances"], "sender_peak_rss_mb": send["peak_rss_mb"],
+                "end_to_end_s": pacs.confirmed_at[study] - last_received,
+                "queue_wait_s": job["started"] - last_received,
+                "analysis_s": job["finished"] - job["started"],
+                "stages": stages, "analysis_peak_rss_mb": job["result"].get("peak_rss_mb"),
+                "liver_ml": job["result"].get("liver_volume_ml"),
+                "tumor_ml": job["result"].get("tumor_volume_ml"),
+                "output_dir": job["result"].get("outputs", {}).get("mask"),
+            }
+            records.append(record)
+            logger.info("E2E %d slices run %d: %.1f s (receive %.1f s)", slices, run,
+                        record["end_to_end_s"], record["receive_s"])
+        node_peak = node.peak_rss_mb()
+    finally:
+        node.stop()
+        pacs.shutdown()
+    return {"runs": records, "node_peak_rss_mb": node_peak,
+            "bench_process_peak_rss_mb": _self_peak_rss_mb()}
+
+
+def throughput(cache: Path, work: Path, weights: Path, slices: int, studies: int) -> dict[str, Any]:
+    """Queue ``studies`` series at once and measure studies per hour with the one worker."""
+    received = work / f"pacs-queue-{slices}"
+    received.mkdir(parents=True, exist_ok=True)
+    pacs = BenchPacs(received)
+    node = NodeProcess(work / f"node-queue-{slices}", pacs.port, weights)
+    try:
+        folders = [series_folder(cache, slices, copy=10 + index) for index in range(studies)]
+        uids = [study_uid_of(folder) for folder in folders]
+        started = time.time()
+        for folder in folders:
+            storescu(folder, node.port, NODE_AE_TITLE)
+        wait_confirmed(pacs, node, uids)
+        confirmed = sorted(pacs.confirmed_at[uid] for uid in uids)
+        node_peak = node.peak_rss_mb()
+    finally:
+        node.stop()
+        pacs.shutdown()
+    elapsed = confirmed[-1] - started
+    steady = (confirmed[-1] - confirmed[0]) / (studies - 1) if studies > 1 else elapsed
+    return {"slices": slices, "studies": studies, "elapsed_s": elapsed,
+            "studies_per_hour": studies * 3600.0 / elapsed, "steady_s_per_study": steady,
+            "steady_studies_per_hour": 3600.0 / steady, "node_peak_rss_mb": node_peak}
+
+
+def _self_peak_rss_mb() -> float:
+    import resource
+
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024.0
+
+
+# Side-by-side comparisons -----------------------------------------------------------------------
+
+
+def ingest(cache: Path, work: Path, weights: Path, slices: int, runs: int) -> dict[str, Any]:
+    """Instances per second of storescp, the node, and the node with TCP_NODELAY, same sender."""
+    folder = series_folder(cache, slices)
+    results: dict[str, list[dict[str, Any]]] = {"storescp": [], "node": [], "node_nodelay": []}
+    for run in range(runs):
+        target = work / f"storescp-{slices}-{run}"
+        target.mkdir(parents=True, exist_ok=True)
+        port = free_port()
+        scp = subprocess.Popen(["storescp", "-aet", "STORESCP", "-od", str(target), str(port)],
+                               stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        time.sleep(0.5)
+        sent = storescu(folder, port, "STORESCP")
+        scp.send_signal(signal.SIGTERM)
+        _, _, usage = os.wait4(scp.pid, 0)
+        sent["receiver_peak_rss_mb"] = usage.ru_maxrss / 1024.0
+        results["storescp"].append(sent)
+        shutil.rmtree(target, ignore_errors=True)
+
+        for variant, nodelay in (("node", False), ("node_nodelay", True)):
+            # Destination port 9 is never called: no analysis runs within the quiet time.
+            node = NodeProcess(work / f"ingest-{variant}-{slices}-{run}", 9, weights, nodelay=nodelay)
+            try:
+                sent = storescu(folder, node.port, NODE_AE_TITLE)
+                sent["receiver_peak_rss_mb"] = node.peak_rss_mb()
+            finally:
+                node.process.send_signal(signal.SIGKILL)
+                node.process.wait()
+                node._log.close()
+            results[variant].append(sent)
+            shutil.rmtree(node.work, ignore_errors=True)
+    summary = {}
+    for name, items in results.items():
+        seconds = statistics.median(item["seconds"] for item in items)
+        summary[name] = {"seconds": seconds, "instances_per_s": slices / seconds,
+                         "receiver_peak_rss_mb": max(item["receiver_peak_rss_mb"] for item in items)}
+    return {"slices": slices, "runs": runs, **summary}
+
+
+def conversion(cache: Path, work: Path, slices: int) -> dict[str, Any]:
+    """Seconds of our DICOM-to-volume step and of dcm2niix on the same series, fresh processes."""
+    folder = series_folder(cache, slices)
+    script = (
+        "import time, json, resource; t = time.perf_counter()\n"
+        "from dicom_io.series import load_series; from dicom_io.convert import series_to_nifti\n"
+        f"image = series_to_nifti(load_series(__import__('pathlib').Path({str(folder)!r})))\n"
+        "print(json.dumps({'seconds': time.perf_counter() - t}))\n"
+    )
+    ours = run_measured([sys.executable, "-c", script], cwd=REPO_ROOT, stdout=subprocess.PIPE)
+    # run_measured does not read stdout; run again capturing it for the in-process time.
+    inner = subprocess.run([sys.executable, "-c", script], cwd=REPO_ROOT, capture_output=True, text=True, check=True)
+    ours_inner = json.loads(inner.stdout.strip().splitlines()[-1])["seconds"]
+    out = work / f"dcm2niix-{slices}"
+    shutil.rmtree(out, ignore_errors=True)
+    out.mkdir(parents=True)
+    theirs = run_measured(["dcm2niix", "-z", "n", "-b", "n", "-o", str(out), "-f", "volume", str(folder)],
+                          stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    shutil.rmtree(out, ignore_errors=True)
+    return {"slices": slices, "ours_s": ours_inner, "ours_process_s": ours["seconds"],
+            "ours_peak_rss_mb": ours["peak_rss_mb"], "dcm2niix_s": theirs["seconds"],
+            "dcm2niix_peak_rss_mb": theirs["peak_rss_mb"]}
+
+
+DCMQI_METADATA = {
+    "ContentCreatorName": "Benchmark", "ClinicalTrialSeriesID": "1", "ClinicalTrialTimePointID": "1",
+    "SeriesDescription": "Liver and liver tumor segmentation", "SeriesNumber": "9901",
+    "InstanceNumber": "1", "ContentLabel": "LIVER_SEG", "BodyPartExamined": "ABDOMEN",
+    "segmentAttributes": [[
+        {"labelID": 1, "SegmentDescription": "Liver", "SegmentAlgorithmType": "AUTOMATIC",
+         "SegmentAlgorithmName": "Liver Node",
+         "SegmentedPropertyCategoryCodeSequence": {"CodeValue": "91723000", "CodingSchemeDesignator": "SCT", "CodeMeaning": "Anatomical Structure"},
+         "SegmentedPropertyTypeCodeSequence": {"CodeValue": "10200004", "CodingSchemeDesignator": "SCT", "CodeMeaning": "Liver"}},
+        {"labelID": 2, "SegmentDescription": "Liver tumor", "SegmentAlgorithmType": "AUTOMATIC",
+         "SegmentAlgorithmName": "Liver Node",
+         "SegmentedPropertyCategoryCodeSequence": {"CodeValue": "49755003", "CodingSchemeDesignator": "SCT", "CodeMeaning": "Morphologically Altered Structure"},
+         "SegmentedPropertyTypeCodeSequence": {"CodeValue": "108369006", "CodingSchemeDesignator": "SCT", "CodeMeaning": "Neoplasm"}},
+    ]],
+}
+
+
+def seg_encoding(cache: Path, work: Path, slices: int, mask_path: Path, dcmqi_bin: Path) -> dict[str, Any]:
+    """Seconds to encode the same label mask as SEG: ours (highdicom) against itkimage2segimage."""
+    folder = series_folder(cache, slices)
+    script = (
+        "import time, json, pathlib, nibabel as nib, numpy as np\n"
+        "from dicom_io.series import load_series; from dicom_io.convert import series_to_nifti, labels_to_source_frames\n"
+        "from dicom_io.seg_writer import write_seg\n"
+        f"series = load_series(pathlib.Path({str(folder)!r})); image = series_to_nifti(series)\n"
+        f"labels = np.asarray(nib.load({str(mask_path)!r}).dataobj, dtype=np.uint8)\n"
+        "t = time.perf_counter(); frames = labels_to_source_frames(labels, image, series)\n"
+        f"write_seg(series, frames, pathlib.Path({str(work / 'ours-seg.dcm')!r}), algorithm_name='Liver Node', algorithm_version='bench')\n"
+        "print(json.dumps({'seconds': time.perf_counter() - t}))\n"
+    )
+    inner = subprocess.run([sys.executable, "-c", script], cwd=REPO_ROOT, capture_output=True, text=True, check=True)
+    ours = json.loads(inner.stdout.strip().splitlines()[-1])["seconds"]
+    result: dict[str, Any] = {"slices": slices, "ours_s": ours,
+                              "ours_size_mb": (work / "ours-seg.dcm").stat().st_size / 2**20}
+    tool = dcmqi_bin / "itkimage2segimage"
+    if not tool.exists():
+        result["itkimage2segimage"] = f"not run: {tool} is missing (pip install dcmqi)"
+        return result
+    metadata = work / "dcmqi-meta.json"
+    metadata.write_text(json.dumps(DCMQI_METADATA))
+    output = work / "dcmqi-seg.dcm"
+    theirs = run_measured([str(tool), "--inputImageList", str(mask_path), "--inputDICOMDirectory", str(folder),
+                           "--outputDICOM", str(output), "--inputMetadata", str(metadata)],
+                          stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    if theirs["returncode"] != 0 or not output.exists():
+        result["itkimage2segimage"] = f"failed with status {theirs['returncode']}"
+        return result
+    result.update({"itkimage2segimage_s": theirs["seconds"], "itkimage2segimage_peak_rss_mb": theirs["peak_rss_mb"],
+                   "itkimage2segimage_size_mb": output.stat().st_size / 2**20})
+    return result
+
+
+# Networks: windowing overhead and the original Keras networks ------------------------------------
+
+
+class _RecordingModule:
+    """Wraps a network; records each input tile and its output (for the Keras comparison)."""
+
+    def __init__(self, module: Any, replay: list[np.ndarray] | None = None) -> None:
+        self.module = module
+        self.inputs: list[np.ndarray] = []
+        self.outputs: list[np.ndarray] = []
+        self.replay = replay
+        self.valid_output_lengths = module.valid_output_lengths
+
+    def __call__(self, tile: Any) -> Any:
+        import torch
+
+        self.inputs.append(tile[0, 0].numpy().copy())
+        if self.replay is not None:
+            output = torch.from_numpy(self.replay[len(self.inputs) - 1])[None, None]
+        else:
+            output = self.module(tile)
+        self.outputs.append(output[0, 0].numpy().copy())
+        return output
+
+
+def networks(cache: Path, work: Path, weights: Path, slices: int, keras_python: Path | None) -> dict[str, Any]:
+    """Windowing overhead of both networks and, when TensorFlow is at hand, the Keras originals."""
+    import dataclasses
+
+    import torch
+
+    from dicom_io.convert import series_to_nifti
+    from dicom_io.series import load_series
+    from node.analysis import load_models
+    from node.config import Settings
+    from pipeline.analysis import analyse
+    from pipeline.inference import sliding_window_predict
+    from pipeline.settings import AnalysisSettings
+
+    torch.set_num_threads(2)
+    settings = Settings(data_dir=str(work / "networks-data"), weights_cache_dir=str(weights))  # type: ignore[call-arg]
+    liver_model, lesion_model = load_models(settings)
+    image = series_to_nifti(load_series(series_folder(cache, slices)))
+
+    # Record the tiles each network sees in one real analysis.
+    liver_recorder = _RecordingModule(liver_model.module)
+    lesion_recorder = _RecordingModule(lesion_model.module)
+    started = time.perf_counter()
+    ours = analyse(image, dataclasses.replace(liver_model, module=liver_recorder),
+                   dataclasses.replace(lesion_model, module=lesion_recorder), AnalysisSettings(torch_threads=2))
+    ours_seconds = time.perf_counter() - started
+    result: dict[str, Any] = {"slices": slices, "ours_stage_seconds": ours.stage_seconds, "ours_analysis_s": ours_seconds}
+
+    # Windowing overhead: the sliding window over the recorded region against one forward pass
+    # of the smallest valid input that covers region plus margins.
+    overhead = {}
+    for name, model, recorder in (("liver", liver_model, liver_recorder), ("lesion", lesion_model, lesion_recorder)):
+        tiles = len(recorder.inputs)
+        network = model.module
+        tile_seconds = []
+        with torch.inference_mode():
+            for tile in recorder.inputs:
+                started = time.perf_counter()
+                network(torch.from_numpy(tile)[None, None])
+                tile_seconds.append(time.perf_counter() - started)
+        # The region the tiles cover: output tiles laid edge to edge along each axis.
+        region = _region_from_tiles(recorder.inputs, model)
+        plain_input = []
+        for axis, length in enumerate(region):
+            pairs = network.valid_output_lengths(axis, int(length) + 400)
+            plain_input.append(next(pair[0] for pair in pairs if pair[1] >= length))
+        voxels = float(np.prod(plain_input))
+        estimate_mb = voxels * model.peak_bytes_per_input_voxel / 2**20
+        entry: dict[str, Any] = {"tiles": tiles, "tile_input": list(recorder.inputs[0].shape),
+                                 "windowed_s": sum(tile_seconds), "region": [int(v) for v in region],
+                                 "plain_input": plain_input, "plain_estimate_mb": estimate_mb}
+        if estimate_mb < 12000:
+            x = torch.zeros((1, 1, *plain_input), dtype=torch.float32)
+            with torch.inference_mode():
+                started = time.perf_counter()
+                network(x)
+                entry["plain_s"] = time.perf_counter() - started
+            entry["overhead_percent"] = 100.0 * (entry["windowed_s"] / entry["plain_s"] - 1.0)
+        overhead[name] = entry
+    result["windowing"] = overhead
+
+    if keras_python is None or not keras_python.exists():
+        result["keras"] = f"not run: no TensorFlow environment at {keras_python}"
+        return result
+    tiles_path = work / f"tiles-{slices}.npz"
+    arrays = {}
+    for name, model, recorder in (("liver", liver_model, liver_recorder), ("lesion", lesion_model, lesion_recorder)):
+        for index, tile in enumerate(recorder.inputs):
+            arrays[f"{name}_{index:03d}_input"] = tile
+            output_size = recorder.outputs[index].shape
+            arrays[f"{name}_{index:03d}_output_size"] = np.array(output_size)
+    np.savez(tiles_path, **arrays)
+    keras_out = work / f"keras-{slices}.npz"
+    completed = run_measured([str(keras_python), str(REPO_ROOT / "bench" / "original_keras.py"), str(tiles_path), str(keras_out)],
+                             cwd=REPO_ROOT, stdout=subprocess.DEVNULL, stderr=open(work / "keras.log", "w"))
+    if completed["returncode"] != 0 or not keras_out.exists():
+        result["keras"] = f"failed with status {completed['returncode']}; see {work / 'keras.log'}"
+        return result
+    saved = np.load(keras_out)
+    timings = json.loads(str(saved["timings"]))
+    keras_outputs = {name: [saved[f"{name}_{index:03d}_keras"] for index in range(len(recorder.inputs))]
+                     for name, recorder in (("liver", liver_recorder), ("lesion", lesion_recorder))}
+    differences = {name: max(float(np.abs(a - b).max()) for a, b in zip(keras_outputs[name], recorder.outputs))
+                   for name, recorder in (("liver", liver_recorder), ("lesion", lesion_recorder))}
+
+    # The whole analysis again with the Keras outputs in place of ours: same preprocessing,
+    # tiling and post-processing, so the masks differ only by the networks.
+    replay_liver = _RecordingModule(liver_model.module, replay=keras_outputs["liver"])
+    replay_lesion = _RecordingModule(lesion_model.module, replay=keras_outputs["lesion"])
+    with_keras = analyse(image, dataclasses.replace(liver_model, module=replay_liver),
+                         dataclasses.replace(lesion_model, module=replay_lesion), AnalysisSettings(torch_threads=2))
+    tiles_match = len(replay_lesion.inputs) == len(keras_outputs["lesion"]) and all(
+        np.array_equal(a, b) for a, b in zip(replay_lesion.inputs, lesion_recorder.inputs))
+    result["keras"] = {
+        "seconds": {name: sum(values) for name, values in timings.items()},
+        "torch_seconds": {name: overhead[name]["windowed_s"] for name in ("liver", "lesion")},
+        "max_abs_diff": differences,
+        "liver_dice": _dice(ours.labels >= 1, with_keras.labels >= 1),
+        "tumor_dice": _dice(ours.labels == 2, with_keras.labels == 2),
+        "lesion_tiles_identical": tiles_match,
+        "ours_ml": [ours.measurements.liver_volume_ml, ours.measurements.tumor_volume_ml],
+        "keras_ml": [with_keras.measurements.liver_volume_ml, with_keras.measurements.tumor_volume_ml],
+        "liver_touches_edge": bool((ours.labels[:, :, 0] > 0).any() or (ours.labels[:, :, -1] > 0).any()),
+    }
+    return result
+
+
+def _region_from_tiles(inputs: list[np.ndarray], model: Any) -> tuple[int, ...]:
+    """Return the extent covered by the output tiles of one sliding-window run (upper bound)."""
+    output = model.module.output_size_for(tuple(inputs[0].shape))
+    counts = []
+    for axis in range(3):
+        starts = {round(float(tile.sum(axis=tuple(a for a in range(3) if a != axis)).argmax())) for tile in inputs}
+        counts.append(max(1, len(starts)))
+    count_total = len(inputs)
+    # Tiles form a grid; when skipped tiles make the grid irregular, fall back to one axis each.
+    if int(np.prod(counts)) < count_total:
+        counts = [count_total, 1, 1]
+    return tuple(int(c * o) for c, o in zip(counts, output))
+
+
+def _dice(a: np.ndarray, b: np.ndarray) -> float | None:
+    total = int(a.sum()) + int(b.sum())
+    if total == 0:
+        return None
+    return 2.0 * int((a & b).sum()) / total
+
+
+# Report -----------------------------------------------------------------------------------------
+
+
+def machine_description() -> str:
+    cpu = "unknown CPU"
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                cpu = line.split(":", 1)[1].strip()
+                break
+    except OSError:
+        pass
+    memory = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") / 2**30
+    import torch
+
+    return (f"{cpu}, {os.cpu_count()} cores, {memory:.0f} GiB RAM, {platform.system()} {platform.release()}, "
+            f"Python {platform.python_version()}, torch {torch.__version__} ({torch.get_num_threads()} threads)")
+
+
+def fit_slope(points: list[tuple[float, float]]) -> tuple[float, float]:
+    """Least-squares slope of log(seconds) against log(slices): 1.0 is linear."""
+    x = np.log([p[0] for p in points])
+    y = np.log([p[1] for p in points])
+    slope, intercept = np.polyfit(x, y, 1)
+    return float(slope), float(intercept)
+
+
+def render(results: dict[str, Any]) -> str:
+    """Render the results as the Markdown of ``docs/benchmarks.md``."""
+    lines = ["# Benchmarks", "",
+             "Generated by `python -m bench.run_benchmarks` (see the module docstring for what each "
+             "figure means); do not edit by hand.", "",
+             f"- Date: {results['date']}", f"- Machine: {results['machine']}",
+             f"- Command: `{results['command']}`", f"- Source state: {results.get('source_state', 'n/a')}",
+             f"- Inputs: the real CT `example_ct.nii.gz` resampled to 512 x 512 pixels of 0.8 mm and N slices "
+             f"over its 336 mm, written as uncompressed CT series; the node's quiet time was {QUIET_TIME_S} s "
+             "(included in the latency).", ""]
+
+    e2e = results.get("end_to_end", {})
+    if e2e:
+        lines += ["## End-to-end latency", "",
+                  "From the sender's last C-STORE response until the destination answered the node's C-FIND "
+                  "listing SEG and SR. Median over the runs; seconds.", "",
+                  "| slices | runs | receive | conversion | preprocessing | liver | tumour | post-processing | "
+                  "SEG encode | SR encode | send + confirm | analysis | end-to-end | node peak RSS MiB | "
+                  "analysis peak RSS MiB | storescu peak RSS MiB |",
+                  "|---:" * 16 + "|"]
+        for slices, entry in sorted(e2e.items(), key=lambda item: int(item[0])):
+            runs = entry["runs"]
+            med = lambda values: statistics.median(values)  # noqa: E731
+            stage = lambda name: med([r["stages"][name] for r in runs])  # noqa: E731
+            post = med([r["stages"]["postprocessing"] + r["stages"]["measurements"] for r in runs])
+            lines.append(
+                f"| {slices} | {len(runs)} | {med([r['receive_s'] for r in runs]):.1f} | {stage('conversion'):.1f} | "
+                f"{stage('preprocessing'):.1f} | {stage('liver_inference'):.1f} | {stage('tumor_inference'):.1f} | "
+                f"{post:.1f} | {stage('seg_encode'):.1f} | {stage('sr_encode'):.2f} | {stage('send_and_confirm'):.1f} | "
+                f"{med([r['analysis_s'] for r in runs]):.1f} | **{med([r['end_to_end_s'] for r in runs]):.1f}** | "
+                f"{entry['node_peak_rss_mb']:.0f} | {max(r['analysis_peak_rss_mb'] or 0 for r in runs):.0f} | "
+                f"{max(r['sender_peak_rss_mb'] for r in runs):.0f} |")
+        points = [(int(s), statistics.median(r["end_to_end_s"] for r in e["runs"])) for s, e in e2e.items()]
+        if len(points) >= 2:
+            slope, _ = fit_slope(points)
+            lines += ["", f"Fitted growth of the end-to-end time with slice count: seconds ~ slices^{slope:.2f} "
+                      "(log-log least squares; 1.00 is linear)."]
+        lines += ["", "The end-to-end time includes the quiet time, the analysis (its stages above; the gap to "
+                  "their sum is loading the models' handles, writing the mask and overview pictures and "
+                  "the database), the send and the confirming C-FIND. `send + confirm` runs from the end of "
+                  "the analysis to the confirming C-FIND.", ""]
+
+    queue = results.get("throughput")
+    if queue:
+        lines += ["## Throughput with one worker", "",
+                  f"{queue['studies']} studies of {queue['slices']} slices sent back to back: all confirmed "
+                  f"{queue['elapsed_s']:.0f} s after the first instance was sent, "
+                  f"**{queue['studies_per_hour']:.0f} studies per hour**; between the first and the last "
+                  f"confirmation {queue['steady_s_per_study']:.1f} s per study "
+                  f"({queue['steady_studies_per_hour']:.0f} per hour). Node peak RSS "
+                  f"{queue['node_peak_rss_mb']:.0f} MiB.", ""]
+
+    lines += ["## Side by side", "", "| comparison | ours | theirs | ratio (ours / theirs) | target |",
+              "|---|---:|---:|---:|---|"]
+    for entry in results.get("ingest", []):
+        ratio = entry["node"]["instances_per_s"] / entry["storescp"]["instances_per_s"]
+        ratio_nd = entry["node_nodelay"]["instances_per_s"] / entry["storescp"]["instances_per_s"]
+        lines.append(f"| ingest, {entry['slices']} instances (storescu sender, median of {entry['runs']}) | "
+                     f"{entry['node']['instances_per_s']:.0f} inst/s (with TCP_NODELAY: "
+                     f"{entry['node_nodelay']['instances_per_s']:.0f}) | storescp {entry['storescp']['instances_per_s']:.0f} inst/s | "
+                     f"{ratio:.2f}x of storescp's rate (TCP_NODELAY: {ratio_nd:.2f}x) | >= 0.8x |")
+    for entry in results.get("conversion", []):
+        lines.append(f"| conversion, {entry['slices']} slices | {entry['ours_s']:.1f} s | dcm2niix {entry['dcm2niix_s']:.1f} s | "
+                     f"{entry['ours_s'] / entry['dcm2niix_s']:.1f}x the time | <= 1.5x |")
+    seg = results.get("seg")
+    if seg:
+        if "itkimage2segimage_s" in seg:
+            lines.append(f"| SEG encoding, {seg['slices']} frames | {seg['ours_s']:.1f} s ({seg['ours_size_mb']:.1f} MiB) | "
+                         f"itkimage2segimage {seg['itkimage2segimage_s']:.1f} s ({seg['itkimage2segimage_size_mb']:.1f} MiB) | "
+                         f"{seg['ours_s'] / seg['itkimage2segimage_s']:.2f}x the time | <= 1.0x |")
+        else:
+            lines.append(f"| SEG encoding, {seg['slices']} frames | {seg['ours_s']:.1f} s | {seg['itkimage2segimage']} | - | <= 1.0x |")
+    nets = results.get("networks")
+    if nets:
+        for name, entry in nets["windowing"].items():
+            if "plain_s" in entry:
+                lines.append(f"| {name} network: sliding window ({entry['tiles']} tiles of {entry['tile_input']}) vs one "
+                             f"forward pass of {entry['plain_input']} | {entry['windowed_s']:.1f} s | {entry['plain_s']:.1f} s | "
+                             f"overhead {entry['overhead_percent']:+.0f} % | <= 20 % |")
+        keras = nets.get("keras")
+        if isinstance(keras, dict):
+            for name in ("liver", "lesion"):
+                lines.append(f"| {name} network, same tiles: PyTorch port vs original Keras (tf-keras {name}) | "
+                             f"{keras['torch_seconds'][name]:.1f} s | {keras['seconds'][name]:.1f} s | "
+                             f"{keras['torch_seconds'][name] / keras['seconds'][name]:.2f}x the time | - |")
+    lines.append("")
+    if nets and isinstance(nets.get("keras"), dict):
+        keras = nets["keras"]
+        lines += ["## Against the original networks", "",
+                  f"On the {nets['slices']}-slice series, the original pyliverlesionseg 0.3 Keras networks "
+                  "(tf-keras, TensorFlow's float32 normalisation as in the original) ran on exactly the tiles our "
+                  "pipeline fed its own networks; our pre- and post-processing then turned their "
+                  "probabilities into masks. The original pipeline's own DICOM reading and preprocessing "
+                  "(pymirc) was not run, so its end-to-end time is not measured; the speed-up below is "
+                  "for the networks alone.", "",
+                  f"- network seconds: ours {sum(keras['torch_seconds'].values()):.1f} s, original "
+                  f"{sum(keras['seconds'].values()):.1f} s ({sum(keras['seconds'].values()) / sum(keras['torch_seconds'].values()):.1f}x faster)",
+                  f"- largest probability difference per tile: liver {keras['max_abs_diff']['liver']:.2g}, "
+                  f"lesion {keras['max_abs_diff']['lesion']:.2g}",
+                  f"- Dice ours vs original networks: liver {keras['liver_dice']}, tumour {keras['tumor_dice']} "
+                  f"(lesion tiles identical in both runs: {keras['lesion_tiles_identical']}; liver touches the "
+                  f"first or last slice: {keras['liver_touches_edge']})",
+                  f"- volumes mL (liver, tumour): ours {keras['ours_ml']}, original networks {keras['keras_ml']}", ""]
+    elif nets:
+        lines += [f"Original networks: {nets.get('keras')}", ""]
+
+    memory = results.get("memory")
+    if memory:
+        lines += ["## Memory of one forward pass", "", "| network | tile (input voxels) | peak above the loaded process MiB | "
+                  "bytes per input voxel | seconds |", "|---|---|---:|---:|---:|"]
+        for entry in memory:
+            lines.append(f"| {entry['name']} | {entry['size']} | {entry['above_mib']} | {entry['per_voxel']} | {entry['seconds']} |")
+        lines.append("")
+    budget = results.get("budget")
+    if budget:
+        lines += ["## Memory budget", ""]
+        for entry in budget:
+            lines.append(f"- `memory_budget_mb = {entry['budget_mb']}`, {entry['slices']} slices: {entry['outcome']}")
+        lines.append("")
+    notes = results.get("notes")
+    if notes:
+        lines += ["## Notes", ""] + [f"- {note}" for note in notes] + [""]
+    return "\n".join(lines)
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--sizes", default=",".join(map(str, DEFAULT_SIZES)), help="slice counts (default: %(default)s)")
+    parser.add_argument("--runs", type=int, default=3, help=f"end-to-end runs for {REPEATED_SIZES} slices (others: 1)")
+    parser.add_argument("--queue", type=int, default=3, help="studies queued for the throughput run (0: skip)")
+    parser.add_argument("--cache", type=Path, default=Path("/tmp/livernode-bench"), help="series and work folder")
+    parser.add_argument("--weights", type=Path, default=Path("/tmp/livernode-test-weights"), help="weights cache")
+    parser.add_argument("--keras-python", type=Path, default=DEFAULT_KERAS_PYTHON, help="python of a TensorFlow env")
+    parser.add_argument("--dcmqi-bin", type=Path, default=DEFAULT_DCMQI_BIN, help="folder holding itkimage2segimage")
+    parser.add_argument("--only", default="e2e,queue,ingest,conversion,seg,networks",
+                        help="comma-separated parts to run; the others are taken from the last results file")
+    parser.add_argument("--out", type=Path, default=DOCS_PATH, help="Markdown report (default: %(default)s)")
+    args = parser.parse_args()
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s")
+    if not TOTALSEG.exists():
+        print(f"the real CT {TOTALSEG} is absent; nothing to measure", file=sys.stderr)
+        return 1
+    sizes = [int(v) for v in args.sizes.split(",") if v]
+    parts = set(args.only.split(","))
+    args.cache.mkdir(parents=True, exist_ok=True)
+    results_path = args.cache / "results.json"
+    results: dict[str, Any] = json.loads(results_path.read_text()) if results_path.exists() else {}
+    work = Path(tempfile.mkdtemp(prefix="run-", dir=args.cache))
+
+    def save() -> None:
+        results["date"] = dt.date.today().isoformat()
+        results["machine"] = machine_description()
+        results["command"] = "python -m bench.run_benchmarks " + " ".join(sys.argv[1:])
+        try:
+            head = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=REPO_ROOT, capture_output=True, text=True).stdout.strip()
+            dirty = subprocess.run(["git", "status", "--porcelain", "pipeline", "node", "dicom_io"], cwd=REPO_ROOT,
+                                   capture_output=True, text=True).stdout.strip()
+            results["source_state"] = f"commit {head}" + (" with uncommitted changes" if dirty else "")
+        except OSError:
+            pass
+        results_path.write_text(json.dumps(results, indent=2, default=str))
+        args.out.write_text(render(results))
+
+    for slices in sizes:
+        series_folder(args.cache, slices)
+    if "e2e" in parts:
+        results.setdefault("end_to_end", {})
+        for slices in sizes:
+            runs = args.runs if slices in REPEATED_SIZES else 1
+            results["end_to_end"][str(slices)] = end_to_end(args.cache, work, args.weights, slices, runs)
+            save()
+    if "ingest" in parts:
+        results["ingest"] = [ingest(args.cache, work, args.weights, slices, 3) for slices in sizes]
+        save()
+    if "conversion" in parts:
+        results["conversion"] = [conversion(args.cache, work, slices) for slices in sizes]
+        save()
+    if "seg" in parts:
+        mask = _find_mask(results, REFERENCE_SIZE)
+        if mask is not None:
+            results["seg"] = seg_encoding(args.cache, work, REFERENCE_SIZE, mask, args.dcmqi_bin)
+            save()
+    if "networks" in parts:
+        results["networks"] = networks(args.cache, work, args.weights, REFERENCE_SIZE, args.keras_python)
+        save()
+    if "queue" in parts and args.queue > 0:
+        results["throughput"] = throughput(args.cache, work, args.weights, REFERENCE_SIZE, args.queue)
+        save()
+    save()
+    print(args.out.read_text())
+    return 0
+
+
+def _find_mask(results: dict[str, Any], slices: int) -> Path | None:
+    runs = results.get("end_to_end", {}).get(str(slices), {}).get("runs", [])
+    for run in runs:
+        if run.get("output_dir") and Path(run["output_dir"]).exists():
+            return Path(run["output_dir"])
+    logger.warning("no mask of a %d-slice end-to-end run found: SEG comparison skipped", slices)
+    return None
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
