@@ -34,8 +34,11 @@ AIR_HU = -1024
 logger = logging.getLogger("bench.main_job")
 
 
-def resample_to_large(image: nib.Nifti1Image) -> nib.Nifti1Image:
-    """Resample ``image`` to 0.8 mm pixels and 300 slices, padded with air to 512 x 512."""
+def resample_to_large(image: nib.Nifti1Image, slices: int = LARGE_SLICES) -> nib.Nifti1Image:
+    """Resample ``image`` to 0.8 mm pixels and ``slices`` slices, padded with air to 512 x 512.
+
+    The slices span the whole cranio-caudal extent of ``image``, so more slices are thinner.
+    """
     sys.path.insert(0, str(REPO_ROOT))
     from pipeline.resample import resize_volume
 
@@ -46,7 +49,7 @@ def resample_to_large(image: nib.Nifti1Image) -> nib.Nifti1Image:
     shape = (
         int(round(extent[0] / LARGE_PIXEL_MM)),
         int(round(extent[1] / LARGE_PIXEL_MM)),
-        LARGE_SLICES,
+        slices,
     )
     resized = resize_volume(data, shape)
     # One new voxel spans `ratio` old voxels; voxel edges of both grids meet at the volume's edge.
@@ -55,7 +58,7 @@ def resample_to_large(image: nib.Nifti1Image) -> nib.Nifti1Image:
     affine[:3, :3] = canonical.affine[:3, :3] * ratio
     affine[:3, 3] = (canonical.affine @ np.append((ratio - 1.0) / 2.0, 1.0))[:3]
 
-    padded = np.full((LARGE_PIXELS, LARGE_PIXELS, LARGE_SLICES), AIR_HU, dtype=np.int16)
+    padded = np.full((LARGE_PIXELS, LARGE_PIXELS, slices), AIR_HU, dtype=np.int16)
     offset = [(LARGE_PIXELS - shape[0]) // 2, (LARGE_PIXELS - shape[1]) // 2]
     padded[offset[0] : offset[0] + shape[0], offset[1] : offset[1] + shape[1]] = np.rint(resized)
     affine[:3, 3] = (affine @ np.array([-offset[0], -offset[1], 0.0, 1.0]))[:3]

@@ -51,7 +51,7 @@ SOP_CLASS_NAMES = {
 
 @dataclass(frozen=True)
 class SelectionRules:
-    """Which series are analysed.
+    """Rules that decide which series are analysed.
 
     Attributes
     ----------

@@ -93,7 +93,7 @@ def _requested_contexts(headers: Sequence[_FileHeader]) -> list[tuple[str, str]]
 
     Each SOP class is proposed with the transfer syntax of every file that uses it, plus the
     uncompressed :data:`FALLBACK_TRANSFER_SYNTAXES`. Separate contexts let the peer accept
-    the stored syntax and a fallback independently; a file whose own syntax is not accepted
+    the stored syntax and a fallback independently. A file whose own syntax is not accepted
     is decoded and sent uncompressed.
     """
     contexts: list[tuple[str, str]] = []
@@ -256,20 +256,23 @@ def _payload_for(assoc: Association, header: _FileHeader) -> Path | Dataset:
     fallback = next((syntax for syntax in FALLBACK_TRANSFER_SYNTAXES if syntax in accepted), None)
     if fallback is None:
         raise ValueError(
-            f"the peer accepted no presentation context for SOP class {header.sop_class_uid} "
-            f"with transfer syntax {header.transfer_syntax_uid} or an uncompressed syntax"
+            f"the peer accepted no presentation context for {UID(header.sop_class_uid).name} "
+            f"({header.sop_class_uid}) with transfer syntax {UID(header.transfer_syntax_uid).name} "
+            "or an uncompressed syntax"
         )
 
     dataset = pydicom.dcmread(header.path)
     if UID(header.transfer_syntax_uid).is_compressed:
         try:
-            dataset.decompress()
+            # Keep the SOP Instance UID: pydicom 3 generates a new one by default.
+            dataset.decompress(generate_instance_uid=False)
         except Exception as error:  # pixel data decoders raise many exception types
             raise ValueError(
                 f"the peer does not accept {UID(header.transfer_syntax_uid).name} and the pixel "
                 f"data could not be decoded for an uncompressed send ({type(error).__name__}: {error})"
             ) from error
     dataset.file_meta.TransferSyntaxUID = fallback
+    dataset.set_original_encoding(fallback == ImplicitVRLittleEndian, True)
     logger.info(
         "Sending SOPInstanceUID %s as %s: the peer did not accept %s",
         header.sop_instance_uid,
@@ -280,7 +283,7 @@ def _payload_for(assoc: Association, header: _FileHeader) -> Path | Dataset:
 
 
 def _send_one(assoc: Association, header: _FileHeader, peer: str) -> SendResult:
-    logger.info(
+    logger.debug(
         "Sending SOPInstanceUID %s (SOP class %s) to %s", header.sop_instance_uid, header.sop_class_uid, peer
     )
     try:
@@ -302,7 +305,7 @@ def _send_one(assoc: Association, header: _FileHeader, peer: str) -> SendResult:
     comment = str(status_dataset.get("ErrorComment", "") or "")
     message = "" if status == STATUS_SUCCESS else f"status 0x{status:04X} ({category}) {comment}".strip()
     if status == STATUS_SUCCESS:
-        logger.info("Stored SOPInstanceUID %s at %s", header.sop_instance_uid, peer)
+        logger.debug("Stored SOPInstanceUID %s at %s", header.sop_instance_uid, peer)
     elif category == "Warning":
         logger.warning("SOPInstanceUID %s stored at %s with %s", header.sop_instance_uid, peer, message)
     else:

@@ -28,11 +28,13 @@ logger = logging.getLogger(__name__)
 
 ProgressCallback = Callable[[str], None]
 
-#: Peak memory of one forward pass per input voxel, in bytes: the default tiles measured 3.45 GiB
-#: (liver, 189 x 162 x 162) and 1.04 GiB (lesion, 180 x 172 x 86) above the loaded process with
-#: torch 2.13 on x86-64 and 2 threads, plus 10 %.
+#: Peak memory of one forward pass per input voxel, in bytes: the default tiles measured 1.55 GiB
+#: (liver, 189 x 162 x 162; 3.42 GiB before the networks kept activations channels-last and
+#: convolved the expanding path's input in channel groups) and 1.18 GiB (lesion,
+#: 180 x 172 x 86) above the loaded process with torch 2.13 on x86-64 and 2 threads, plus 10 %.
+#: ``python -m bench.run_benchmarks`` reports them again.
 #: NOTE: other builds and thread counts allocate differently; these are estimates.
-PEAK_BYTES_PER_INPUT_VOXEL = {"liver": 820.0, "lesion": 460.0}
+PEAK_BYTES_PER_INPUT_VOXEL = {"liver": 370.0, "lesion": 525.0}
 
 ALGORITHM_NAME = "Liver Node liver and liver-tumour segmentation"
 NIFTI_SUFFIXES = (".nii", ".nii.gz")
@@ -169,6 +171,7 @@ def segment(
     analysis_settings = AnalysisSettings(
         torch_threads=settings.analysis.torch_threads,
         memory_budget_mb=settings.analysis.memory_budget_mb,
+        min_analysable_coverage_mm=settings.analysis.min_analysable_coverage_mm,
     )
     result: AnalysisResult = analyse(image, liver_model, lesion_model, analysis_settings, progress)
     seconds.update(result.stage_seconds)
@@ -180,14 +183,21 @@ def segment(
 
     outputs: dict[str, str | None] = {"mask": str(mask_path), "seg": None, "sr": None}
     warnings = list(result.warnings)
-    if series is not None:
+    if series is not None and result.not_analysable is not None:
+        _write_not_analysable_sr(series, result.not_analysable, out_dir, liver_model, lesion_model, outputs, warnings)
+    elif series is not None:
         _write_dicom_outputs(
             series, image, result, out_dir, settings, liver_model, lesion_model,
             seconds, outputs, warnings, stage,
         )
 
+    measurements: dict[str, Any] = result.measurements.as_dict()
+    if result.not_analysable is not None:
+        # No volume of a series the networks did not analyse may reach a report.
+        measurements = {key: None for key in measurements}
     content = {
-        **result.measurements.as_dict(),
+        **measurements,
+        "not_analysable": result.not_analysable,
         "coverage_mm": round(result.coverage_mm, 1),
         "warnings": warnings,
         "input": {
@@ -208,11 +218,42 @@ def segment(
         "outputs": outputs,
     }
     _write_json_atomic(out_dir / "result.json", content)
+    if result.not_analysable is not None:
+        logger.warning("Analysis of %s finished: %s", input_path, result.not_analysable)
+        return content
     logger.info(
         "Analysis of %s finished in %.1f s: liver %.1f mL, tumour %.1f mL",
         input_path, content["total_seconds"], content["liver_volume_ml"], content["tumor_volume_ml"],
     )
     return content
+
+
+def _write_not_analysable_sr(
+    series: Any,
+    reason: str,
+    out_dir: Path,
+    liver_model: ModelHandle,
+    lesion_model: ModelHandle,
+    outputs: dict[str, str | None],
+    warnings: list[str],
+) -> None:
+    """Write ``sr.dcm`` stating that the series is not analysable, or record why it is skipped."""
+    from dicom_io.sr_not_analysable import write_not_analysable_sr
+
+    missing = series.missing_uid_attributes()
+    if missing:
+        message = "SR not written: the source instances lack " + ", ".join(missing)
+        logger.warning(message)
+        warnings.append(message)
+        return
+    write_not_analysable_sr(
+        series,
+        reason,
+        out_dir / "sr.dcm",
+        algorithm_name=ALGORITHM_NAME,
+        algorithm_version=algorithm_version(liver_model, lesion_model),
+    )
+    outputs["sr"] = str(out_dir / "sr.dcm")
 
 
 def _write_dicom_outputs(

@@ -35,6 +35,8 @@ from dataclasses import dataclass, field, fields
 from pathlib import Path
 from typing import Any
 
+from pipeline.settings import DEFAULT_MIN_ANALYSABLE_COVERAGE_MM
+
 logger = logging.getLogger(__name__)
 
 #: Environment variable naming the TOML configuration file.
@@ -264,11 +266,16 @@ class AnalysisSettings:
         network's default tile needs about 3.5 GiB on top of the loaded process.
     keep_empty_frames : bool
         Whether the DICOM SEG keeps frames without any segmented voxel; default true.
+    min_analysable_coverage_mm : float
+        Cranio-caudal coverage below which a series is reported "not analysable" (an SR with
+        the reason, no SEG and no volumes) instead of being segmented, in mm; default
+        :data:`pipeline.settings.DEFAULT_MIN_ANALYSABLE_COVERAGE_MM`. 0 analyses everything.
     """
 
     torch_threads: int = 2
     memory_budget_mb: int = 6000
     keep_empty_frames: bool = True
+    min_analysable_coverage_mm: float = DEFAULT_MIN_ANALYSABLE_COVERAGE_MM
 
 
 @dataclass
@@ -459,6 +466,11 @@ class Settings:
             raise ConfigError(
                 f"analysis.memory_budget_mb = {self.analysis.memory_budget_mb} is out of "
                 "range: use 1 MiB or more"
+            )
+        if self.analysis.min_analysable_coverage_mm < 0:
+            raise ConfigError(
+                f"analysis.min_analysable_coverage_mm = {self.analysis.min_analysable_coverage_mm} "
+                "is out of range: use 0 or more mm"
             )
         _check_positive("worker.poll_interval_s", self.worker.poll_interval_s)
 

@@ -342,7 +342,8 @@ def prepare_series(ct_folder: Path | None, input_dir: Path) -> list[Path]:
         )
 
     if not ct_folder.is_dir():
-        raise DemoError(f"CT folder {ct_folder} not found: give the folder of one CT series")
+        problem = "is not a folder" if ct_folder.exists() else "not found"
+        raise DemoError(f"CT folder {ct_folder} {problem}: give the folder of one CT series")
     try:
         series = load_series(ct_folder)
     except SeriesValidationError as error:
@@ -476,13 +477,20 @@ def format_summary(
         f"  tumour volume  {sr_measurements['tumor_volume_ml']:.2f} mL",
         f"  tumour burden  {sr_measurements['tumor_burden_percent']:.2f} %",
         f"  tumour count   {result.get('tumor_count', 'n/a')} (from the job result)",
-        "Seconds per stage:",
     ]
+    warnings = result.get("warnings") or []
+    if warnings:
+        lines.append("Warnings of the analysis (read them before the numbers):")
+        lines += [f"  - {warning}" for warning in warnings]
+    lines.append("Seconds per stage:")
     for name, seconds in demo_seconds.items():
         lines.append(f"  demo {name:<20} {seconds:8.1f}")
     for name, seconds in (status.stage_seconds or {}).items():
         lines.append(f"  node {name:<20} {float(seconds):8.1f}")
-    lines += ["Node database (as `livernode studies` shows it):", studies_table]
+    lines += [
+        f"Node database (as `LIVERNODE_DATA_DIR={pacs.folder.parent} livernode studies` shows it):",
+        studies_table,
+    ]
     return "\n".join(lines)
 
 
@@ -540,6 +548,10 @@ def _run(demo_dir: Path, ct_folder: Path | None, timeout_s: float, configured: S
         demo_seconds[name] = round(time.perf_counter() - step_started, 1)
         return value
 
+    # Check the CT folder before the demo folder is reset, so a mistyped path loses nothing.
+    if ct_folder is not None and not ct_folder.is_dir():
+        problem = "is not a folder" if ct_folder.exists() else "not found"
+        raise DemoError(f"CT folder {ct_folder} {problem}: give the folder of one CT series")
     prepare_demo_dir(demo_dir)
     _say(f"Demo folder {demo_dir}")
 

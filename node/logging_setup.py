@@ -9,7 +9,7 @@ LOG_FORMAT = "%(asctime)s %(levelname)-8s %(name)s: %(message)s"
 LOG_LEVELS = ("DEBUG", "INFO", "WARNING", "ERROR", "CRITICAL")
 
 #: Third-party loggers that are verbose at INFO; they log at WARNING unless the level is DEBUG.
-QUIET_LOGGERS = ("pynetdicom", "apscheduler")
+QUIET_LOGGERS = ("pynetdicom", "apscheduler", "alembic", "highdicom")
 
 
 class CurrentStderrHandler(logging.StreamHandler):

@@ -221,9 +221,17 @@ class StorageSCP:
             (evt.EVT_ABORTED, self._handle_aborted),
             (evt.EVT_REJECTED, self._handle_rejected),
         ]
-        self._server = self.ae.start_server(
-            (scp.host, scp.port), block=False, evt_handlers=handlers
-        )
+        try:
+            self._server = self.ae.start_server(
+                (scp.host, scp.port), block=False, evt_handlers=handlers
+            )
+        except OSError as error:
+            logger.error("SCP %s cannot listen on %s:%d: %s", scp.ae_title, scp.host, scp.port, error)
+            raise OSError(
+                error.errno,
+                f"the DICOM SCP cannot listen on {scp.host}:{scp.port} ({error.strerror}); stop the "
+                "program using that port or set scp.port (LIVERNODE_PORT) to a free one",
+            ) from error
         logger.info(
             "SCP %s listening on %s:%d (spool %s)",
             scp.ae_title,

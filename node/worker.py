@@ -320,6 +320,15 @@ class Worker:
                 job_id=job_id,
                 message=_summarise_result(result),
             )
+            if result.get("not_analysable"):
+                add_audit_event(
+                    session,
+                    AuditKind.NOT_ANALYSABLE,
+                    study_uid=study_uid,
+                    series_uid=series_uid,
+                    job_id=job_id,
+                    message=f"{result['not_analysable']}; an SR with this reason and no volumes is delivered",
+                )
             if replaced is not None:
                 add_audit_event(
                     session,

@@ -46,6 +46,9 @@ class AnalysisResult:
         Cranio-caudal extent of the volume in mm.
     peak_rss_mb: float
         Peak resident memory of the process during the analysis, in MiB.
+    not_analysable: str | None
+        Why no reliable result exists (the networks did not run, labels are empty and
+        measurements must not be reported), or None for a normal result.
     """
 
     labels: np.ndarray
@@ -54,6 +57,7 @@ class AnalysisResult:
     stage_seconds: dict[str, float] = field(default_factory=dict)
     coverage_mm: float = 0.0
     peak_rss_mb: float = 0.0
+    not_analysable: str | None = None
 
 
 class _StageTimer:
@@ -231,6 +235,22 @@ def _analyse(
             f"partial coverage: the series spans {coverage_mm:.0f} mm cranio-caudally, less than "
             f"the {settings.min_coverage_mm:.0f} mm a whole liver needs; liver and tumour volumes "
             "cover only the imaged part and the networks are less accurate on such a short range"
+        )
+
+    if coverage_mm < settings.min_analysable_coverage_mm:
+        reason = (
+            f"not analysable: coverage {coverage_mm:.0f} mm, below the "
+            f"{settings.min_analysable_coverage_mm:.0f} mm the liver network needs for a reliable result"
+        )
+        logger.warning("Analysis skipped: %s", reason)
+        labels = np.zeros(image.shape[:3], dtype=np.uint8)
+        return AnalysisResult(
+            labels=labels,
+            measurements=measure(labels, image.affine),
+            warnings=[reason],
+            stage_seconds=timer.seconds,
+            coverage_mm=coverage_mm,
+            not_analysable=reason,
         )
 
     for model in (liver_model, lesion_model):

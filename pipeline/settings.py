@@ -7,6 +7,16 @@ from dataclasses import dataclass
 #: Probability above which a voxel is labelled, as in the original pipeline.
 DEFAULT_THRESHOLD = 0.5
 
+#: Cranio-caudal coverage, in mm, below which the node reports a series as not analysable.
+#: The liver network was run on cranio-caudal crops of the 3 mm TotalSegmentator example CT
+#: and scored against its liver label. Dice was 0.963 on the whole 336 mm and 0.960 on the
+#: 126 mm liver extent. On 81 mm through the liver centre it was 0.952 (volume 5 % low), and
+#: on 42 mm it was 0.859 (volume 19 % low); a real 40 mm slab of another CT scored 0.845.
+#: Such slabs still get a result, with a partial-coverage warning that the volume covers only
+#: the imaged part; below 30 mm the node reports "not analysable".
+#: NOTE: 30 mm itself was not measured; the curve comes from one CT and one slab.
+DEFAULT_MIN_ANALYSABLE_COVERAGE_MM = 30.0
+
 
 @dataclass(frozen=True)
 class AnalysisSettings:
@@ -41,6 +51,11 @@ class AnalysisSettings:
     min_coverage_mm: float
         Cranio-caudal coverage below which the result carries a partial-coverage warning, in mm
         (default 150: an adult liver spans about 150 to 200 mm).
+    min_analysable_coverage_mm: float
+        Cranio-caudal coverage below which the networks are not run and the result is
+        "not analysable", in mm (default 0: always analyse). The node passes
+        ``analysis.min_analysable_coverage_mm``, whose default is
+        :data:`DEFAULT_MIN_ANALYSABLE_COVERAGE_MM`.
     """
 
     torch_threads: int = 2
@@ -54,3 +69,4 @@ class AnalysisSettings:
     liver_dilation_voxels: int = 2
     min_tumor_volume_ml: float = 0.0
     min_coverage_mm: float = 150.0
+    min_analysable_coverage_mm: float = 0.0

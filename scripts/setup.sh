@@ -10,7 +10,9 @@ if [ ! -x .venv/bin/python ]; then
     "$PYTHON" -m venv .venv
 fi
 
-# torch is pinned to the CPU build; installing it first keeps pip from pulling a CUDA build.
+# torch is pinned to 2.13.0 and installed first, so that no other package pulls another build.
+# These machines offer its CPU build to pip; elsewhere, install PyTorch's CPU build of 2.13.0
+# into .venv before running this script, or pip takes the default (CUDA) build.
 .venv/bin/python -m pip install --quiet --upgrade pip
 .venv/bin/python -m pip install --quiet "torch==2.13.0"
 .venv/bin/python -m pip install --quiet -e ".[test]"

@@ -9,6 +9,7 @@ CPU; series selection and resume do not depend on what the analysis computes.
 
 from __future__ import annotations
 
+import copy
 import datetime as dt
 import time
 from collections.abc import Iterator
@@ -201,9 +202,7 @@ def test_resend_and_conflict_make_no_second_job(node):
     assert send_datasets(settings, datasets) == [STATUS_SUCCESS] * 4
     first_jobs = complete_and_run(settings, engine, queue, analysis)
 
-    conflicting = pydicom.Dataset()
-    conflicting.update(datasets[1])
-    conflicting.file_meta = datasets[1].file_meta
+    conflicting = copy.deepcopy(datasets[1])
     conflicting.PixelData = np.full((16, 16), 5, dtype=np.int16).tobytes()
     assert send_datasets(settings, datasets) == [STATUS_SUCCESS] * 4
     assert send_datasets(settings, [conflicting]) == [STATUS_SUCCESS]
@@ -238,7 +237,9 @@ def test_burst_replaces_result_with_new_sr_version(node):
         first_sr, second_sr = Path(first.output_paths["sr"]), Path(second.output_paths["sr"])
         assert first.state == second.state == JobState.SUCCEEDED
         assert "replaced" in first.output_dir
-    assert first_sr.is_file() and second_sr.is_file() and first_sr != second_sr
+    assert first_sr.is_file()
+    assert second_sr.is_file()
+    assert first_sr != second_sr
     first_uid = str(pydicom.dcmread(first_sr).SOPInstanceUID)
     assert predecessor_uids(second_sr) == [first_uid]
     assert predecessor_uids(first_sr) == []
@@ -338,9 +339,9 @@ def test_restart_resumes_series_and_jobs(tmp_path):
     """A node stopped mid-receive and mid-analysis resumes both after a restart.
 
     A SIGKILL of ``livernode serve`` cannot be combined with a stand-in analysis, and the real
-    one takes minutes, so the kill is reproduced in-process: the first node's objects are
-    dropped without any shutdown step, leaving a job ``running`` and a series ``receiving``
-    in the database, exactly as a killed process leaves them.
+    one takes minutes, so the kill is reproduced in-process. The first node's objects are
+    dropped without any shutdown step. That leaves a job ``running`` and a series
+    ``receiving`` in the database, as a killed process leaves them.
     """
     settings = make_settings(tmp_path)
     engine = init_db(settings.database_url)

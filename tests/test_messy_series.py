@@ -156,7 +156,8 @@ def test_off_orientation_slice_dropped(tmp_path):
     assert len(series.datasets) == len(synthetic.slice_files) - 1
     assert synthetic.slice_files[7] not in series.files
     dropped = [warning for warning in series.warnings if "differs from the main stack" in warning]
-    assert len(dropped) == 1 and synthetic.slice_files[7].name in dropped[0]
+    assert len(dropped) == 1
+    assert synthetic.slice_files[7].name in dropped[0]
 
 
 def test_many_off_orientation_slices_rejected(tmp_path):
