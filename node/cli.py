@@ -257,13 +257,14 @@ def main(argv: Sequence[str] | None = None) -> int:
 def _run_serve(args: argparse.Namespace, settings: Settings) -> int:
     from node.db import init_db
     from node.jobs import DatabaseJobQueue
-    from node.scheduler import SeriesScheduler
+    from node.scheduler import SeriesScheduler, restart_quiet_times
     from node.scp import StorageSCP
     from node.worker import Worker
 
     engine = init_db(settings.database_url)
     queue = DatabaseJobQueue(engine)
     queue.requeue_running()
+    restart_quiet_times(engine)
 
     scp = StorageSCP(settings, engine)
     scheduler = SeriesScheduler(settings, engine, queue)

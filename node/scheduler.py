@@ -239,3 +239,33 @@ class SeriesScheduler:
         if self._scheduler.running:
             self._scheduler.shutdown(wait=True)
             logger.info("Scheduler stopped")
+
+
+def restart_quiet_times(engine: Engine, now: dt.datetime | None = None) -> int:
+    """Restart the quiet time of every series still receiving, at node start.
+
+    The quiet time counts from the last received instance, so without this a series whose
+    sender was cut off while the node was down would count as complete at once, and the rest
+    of it, sent again after the restart, would start a second analysis.
+
+    Parameters
+    ----------
+    engine : Engine
+        Database engine.
+    now : datetime, optional
+        Current UTC time; defaults to :func:`node.models.utc_now`.
+
+    Returns
+    -------
+    int
+        Number of series whose quiet time was restarted.
+    """
+    now = now or utc_now()
+    with session_scope(engine) as session:
+        receiving = session.scalars(select(Series).where(Series.state == SeriesState.RECEIVING)).all()
+        for series in receiving:
+            series.last_received_at = now
+        count = len(receiving)
+    if count:
+        logger.info("Restarted the quiet time of %d series still receiving at node start", count)
+    return count

@@ -466,6 +466,16 @@ class StorageSCP:
                 STATUS_OUT_OF_RESOURCES,
                 error,
             )
+            # When the database itself is down this audit fails too; the log line above
+            # then remains the only record.
+            self._audit_rejection(
+                calling_ae,
+                attributes.sop_uid,
+                attributes.study_uid,
+                attributes.series_uid,
+                f"out of resources (0x{STATUS_OUT_OF_RESOURCES:04X}): the instance was not stored "
+                f"and must be sent again: {error.__class__.__name__}: {error}",
+            )
             return STATUS_OUT_OF_RESOURCES, attributes.series_uid
 
         return STATUS_SUCCESS, attributes.series_uid

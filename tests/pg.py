@@ -4,6 +4,8 @@
 127.0.0.1 with a free port (its Unix socket in the same folder), creates a database, yields
 its SQLAlchemy URL and stops and deletes everything afterwards. PostgreSQL refuses to run
 as root, so when the tests run as root the server runs as the ``postgres`` system user.
+:func:`postgres_server` does the same but yields a :class:`PostgresServer`, which a test can
+stop and start again on the same port to simulate a database outage.
 """
 
 from __future__ import annotations
@@ -70,6 +72,64 @@ def free_port() -> int:
         return int(probe.getsockname()[1])
 
 
+class PostgresServer:
+    """A running throwaway PostgreSQL server that a test may stop and start again.
+
+    Parameters
+    ----------
+    pg_bin : Path
+        Folder holding ``pg_ctl``.
+    data_dir : Path
+        Cluster folder made by ``initdb``.
+    log_file : Path
+        Server log.
+    options : str
+        ``postgres`` options passed with ``pg_ctl -o``; they fix the port, so a restarted
+        server is reached at the same URL.
+    run_as : list of str
+        Command prefix that runs a program as the ``postgres`` user; empty when not root.
+    url : str
+        SQLAlchemy URL of the test database, set once it exists.
+    """
+
+    def __init__(
+        self, pg_bin: Path, data_dir: Path, log_file: Path, options: str, run_as: list[str]
+    ) -> None:
+        self.pg_bin = pg_bin
+        self.data_dir = data_dir
+        self.log_file = log_file
+        self.options = options
+        self.run_as = run_as
+        self.url = ""
+        self.running = False
+
+    def start(self) -> None:
+        """Start the server and wait until it accepts connections.
+
+        Raises
+        ------
+        subprocess.CalledProcessError
+            When ``pg_ctl start`` fails; its output is in the exception.
+        """
+        self._pg_ctl("-l", str(self.log_file), "-o", self.options, "-w", "-t", str(START_TIMEOUT_S), "start")
+        self.running = True
+
+    def stop(self) -> None:
+        """Stop the server in fast mode, which ends open client connections, and wait for it."""
+        self._pg_ctl("-m", "fast", "-w", "stop")
+        self.running = False
+
+    def _pg_ctl(self, *arguments: str) -> None:
+        subprocess.run(
+            [*self.run_as, str(self.pg_bin / "pg_ctl"), "-D", str(self.data_dir), *arguments],
+            check=True,
+            capture_output=True,
+            text=True,
+            cwd=self.data_dir.parent,
+            timeout=START_TIMEOUT_S,
+        )
+
+
 @contextmanager
 def postgres_cluster() -> Iterator[str]:
     """Run a temporary PostgreSQL server and yield a ``postgresql+psycopg2://`` URL.
@@ -86,6 +146,17 @@ def postgres_cluster() -> Iterator[str]:
         When the binaries are missing, or when running as root without a ``postgres`` user.
     subprocess.CalledProcessError
         When initdb, the server start or createdb fails; the output is in the exception.
+    """
+    with postgres_server() as server:
+        yield server.url
+
+
+@contextmanager
+def postgres_server() -> Iterator[PostgresServer]:
+    """Run a temporary PostgreSQL server and yield it, for tests that stop and restart it.
+
+    Takes the steps of :func:`postgres_cluster` and raises the same exceptions. The server
+    is stopped, when still running, and its folder deleted afterwards.
     """
     pg_bin = find_pg_bin()
     run_as = _service_user_prefix()
@@ -108,7 +179,11 @@ def postgres_cluster() -> Iterator[str]:
             timeout=START_TIMEOUT_S,
         )
 
-    started = False
+    server_options = (
+        f"-c listen_addresses=127.0.0.1 -p {port} -k {base} "
+        "-c fsync=off -c synchronous_commit=off -c full_page_writes=off"
+    )
+    server = PostgresServer(pg_bin, data_dir, log_file, server_options, run_as)
     try:
         run(
             str(pg_bin / "initdb"),
@@ -118,20 +193,7 @@ def postgres_cluster() -> Iterator[str]:
             "-E", "UTF8",
             "--no-sync",
         )
-        server_options = (
-            f"-c listen_addresses=127.0.0.1 -p {port} -k {base} "
-            "-c fsync=off -c synchronous_commit=off -c full_page_writes=off"
-        )
-        run(
-            str(pg_bin / "pg_ctl"),
-            "-D", str(data_dir),
-            "-l", str(log_file),
-            "-o", server_options,
-            "-w",
-            "-t", str(START_TIMEOUT_S),
-            "start",
-        )
-        started = True
+        server.start()
         run(
             str(pg_bin / "createdb"),
             "-h", "127.0.0.1",
@@ -139,15 +201,14 @@ def postgres_cluster() -> Iterator[str]:
             "-U", "postgres",
             DATABASE_NAME,
         )
-        yield f"postgresql+psycopg2://postgres@127.0.0.1:{port}/{DATABASE_NAME}"
+        server.url = f"postgresql+psycopg2://postgres@127.0.0.1:{port}/{DATABASE_NAME}"
+        yield server
     finally:
-        if started:
-            subprocess.run(
-                [*run_as, str(pg_bin / "pg_ctl"), "-D", str(data_dir), "-m", "fast", "-w", "stop"],
-                capture_output=True,
-                cwd=base,
-                timeout=START_TIMEOUT_S,
-            )
+        if server.running:
+            try:
+                server.stop()
+            except (subprocess.CalledProcessError, subprocess.TimeoutExpired):
+                pass
         shutil.rmtree(base, ignore_errors=True)
 
 

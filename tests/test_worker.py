@@ -416,3 +416,28 @@ def test_cli_failure_one_line(tmp_path: Path, capsys, restore_logging) -> None:
     assert len(err) == 1
     assert err[0].startswith("livernode: error: Configuration file")
     assert "not found" in err[0]
+
+
+def test_restart_quiet_times_at_start(node) -> None:
+    settings, engine, queue = node
+    from node.scheduler import restart_quiet_times
+
+    long_ago = utc_now() - dt.timedelta(hours=1)
+    with session_scope(engine) as session:
+        from node.models import Study
+
+        study = Study(study_instance_uid=generate_uid())
+        session.add(study)
+        session.flush()
+        session.add(
+            Series(
+                study_id=study.id,
+                series_instance_uid=generate_uid(),
+                state=SeriesState.RECEIVING,
+                last_received_at=long_ago,
+            )
+        )
+
+    assert restart_quiet_times(engine) == 1
+    # The series is no longer past its quiet time, so the sweep must not complete it yet.
+    assert sweep_complete_series(engine, queue, quiet_time_s=60) == []
