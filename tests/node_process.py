@@ -112,6 +112,29 @@ class ReceivingPacs:
         self._server.shutdown()
 
 
+def start_serve(config: Path, log_path: Path) -> subprocess.Popen:
+    """Start ``livernode --config CONFIG serve`` with its output appended to ``log_path``."""
+    with open(log_path, "a", encoding="utf-8") as log:
+        return subprocess.Popen(
+            [sys.executable, "-c", "from node.cli import main; raise SystemExit(main())",
+             "--config", str(config), "serve"],
+            stdout=log,
+            stderr=subprocess.STDOUT,
+            env={**os.environ, "PYTHONUNBUFFERED": "1"},
+        )
+
+
+def stop_serve(process: subprocess.Popen, timeout_s: float = 60.0) -> None:
+    """Stop a ``livernode serve`` process with SIGTERM, or kill it after ``timeout_s``."""
+    if process.poll() is not None:
+        return
+    process.send_signal(signal.SIGTERM)
+    try:
+        process.wait(timeout=timeout_s)
+    except subprocess.TimeoutExpired:
+        process.kill()
+
+
 def wait_for_echo(port: int, deadline_s: float = 120.0) -> None:
     """Wait until the node answers C-ECHO on ``port``."""
     ae = AE(ae_title="ECHOSCU")
@@ -193,24 +216,8 @@ def run_round_trip(work: Path, series_folder: Path, weights_cache: Path) -> Iter
             encoding="utf-8",
         )
         log_path = work / "serve.log"
-        log = stack.enter_context(open(log_path, "w", encoding="utf-8"))
-        process = subprocess.Popen(
-            [sys.executable, "-c", "from node.cli import main; raise SystemExit(main())",
-             "--config", str(config), "serve"],
-            stdout=log,
-            stderr=subprocess.STDOUT,
-            env={**os.environ, "PYTHONUNBUFFERED": "1"},
-        )
-
-        def stop_node() -> None:
-            if process.poll() is None:
-                process.send_signal(signal.SIGTERM)
-                try:
-                    process.wait(timeout=60)
-                except subprocess.TimeoutExpired:
-                    process.kill()
-
-        stack.callback(stop_node)
+        process = start_serve(config, log_path)
+        stack.callback(stop_serve, process)
         wait_for_echo(node_port)
         statuses = send_series(series_folder, node_port)
 
@@ -239,6 +246,6 @@ def run_round_trip(work: Path, series_folder: Path, weights_cache: Path) -> Iter
             "log": log_path,
             "web_url": f"http://127.0.0.1:{web_port}",
         }
-        stop_node()
+        stop_serve(process)
         assert process.returncode == 0, log_path.read_text()[-4000:]
         engine.dispose()

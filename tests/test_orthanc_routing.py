@@ -12,8 +12,6 @@ The database is a throwaway PostgreSQL cluster when its binaries are installed.
 from __future__ import annotations
 
 import io
-import os
-import signal
 import subprocess
 import sys
 import time
@@ -31,6 +29,7 @@ from sqlalchemy import func, select
 from dicom_io.sr_writer import read_sr_measurements
 from node.db import init_db, session_scope
 from node.models import AuditEvent, AuditKind, Instance, Job, JobState
+from tests.node_process import start_serve, stop_serve
 from tests.orthanc_server import ORTHANC_AE_TITLE, USERNAME, OrthancServer, OrthancUnavailable, orthanc_server
 from tests.pg import PostgresUnavailable, free_port, postgres_cluster
 
@@ -170,24 +169,8 @@ def routed(tmp_path_factory: pytest.TempPathFactory, example_dicom_series: Path,
         )
 
         log_path = work / "serve.log"
-        log = stack.enter_context(open(log_path, "w", encoding="utf-8"))
-        process = subprocess.Popen(
-            [sys.executable, "-c", "from node.cli import main; raise SystemExit(main())",
-             "--config", str(dicom_config), "serve"],
-            stdout=log,
-            stderr=subprocess.STDOUT,
-            env={**os.environ, "PYTHONUNBUFFERED": "1"},
-        )
-
-        def stop_node() -> None:
-            if process.poll() is None:
-                process.send_signal(signal.SIGTERM)
-                try:
-                    process.wait(timeout=60)
-                except subprocess.TimeoutExpired:
-                    process.kill()
-
-        stack.callback(stop_node)
+        process = start_serve(dicom_config, log_path)
+        stack.callback(stop_serve, process)
 
         def diagnostics() -> str:
             return (
@@ -248,7 +231,7 @@ def routed(tmp_path_factory: pytest.TempPathFactory, example_dicom_series: Path,
             "log": log_path,
             "process": process,
         }
-        stop_node()
+        stop_serve(process)
         assert process.returncode == 0, log_path.read_text()[-4000:]
 
 

@@ -13,11 +13,8 @@ from __future__ import annotations
 import datetime as dt
 import io
 import logging
-import os
 import shutil
 import signal
-import subprocess
-import sys
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -37,9 +34,9 @@ from node.db import init_db, session_scope
 from node.jobs import DatabaseJobQueue
 from node.models import AuditKind, Instance, Job, Series, SeriesState, utc_now
 from node.scheduler import sweep_complete_series
-from node.scp import STATUS_OUT_OF_RESOURCES, STATUS_SUCCESS, StorageSCP
+from node.scp import STATUS_SUCCESS, StorageSCP
 from node.spool import Spool
-from tests.node_process import NODE_AE_TITLE, wait_for_echo
+from tests.node_process import NODE_AE_TITLE, start_serve, stop_serve, wait_for_echo
 from tests.pg import PostgresUnavailable, free_port, postgres_server
 from tests.test_scp import make_ct_series, make_settings, send_datasets
 
@@ -291,20 +288,6 @@ def series_state(engine: Engine, series_uid: str) -> str | None:
         return session.scalar(select(Series.state).where(Series.series_instance_uid == series_uid))
 
 
-def start_serve(config: Path, log_path: Path) -> subprocess.Popen:
-    """Start ``livernode serve`` with ``config``, its output appended to ``log_path``."""
-    log = open(log_path, "a", encoding="utf-8")
-    process = subprocess.Popen(
-        [sys.executable, "-c", "from node.cli import main; raise SystemExit(main())",
-         "--config", str(config), "serve"],
-        stdout=log,
-        stderr=subprocess.STDOUT,
-        env={**os.environ, "PYTHONUNBUFFERED": "1"},
-    )
-    log.close()
-    return process
-
-
 def test_killed_serve_resumes_series(tmp_path):
     """Half a series, SIGKILL of ``livernode serve``, restart, the other half: all recorded.
 
@@ -341,11 +324,7 @@ def test_killed_serve_resumes_series(tmp_path):
         while series_state(engine, series_uid) != SeriesState.SKIPPED and time.monotonic() < stop_at:
             time.sleep(0.5)
     finally:
-        second.send_signal(signal.SIGTERM)
-        try:
-            second.wait(timeout=60)
-        except subprocess.TimeoutExpired:
-            second.kill()
+        stop_serve(second)
 
     assert first.returncode == -signal.SIGKILL
     assert first_half + second_half == [STATUS_SUCCESS] * slice_count, log_path.read_text()[-4000:]
