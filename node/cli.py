@@ -43,6 +43,18 @@ STUDY_STATES = (
 )
 
 
+def _describe_subcommands(parser: argparse.ArgumentParser) -> None:
+    """Use each subcommand's one-line help as the description its own ``--help`` shows."""
+    for action in parser._actions:
+        if not isinstance(action, argparse._SubParsersAction):
+            continue
+        helps = {choice.dest: choice.help for choice in action._choices_actions}
+        for name, subparser in action.choices.items():
+            if subparser.description is None and helps.get(name):
+                subparser.description = helps[name]
+            _describe_subcommands(subparser)
+
+
 def build_parser() -> argparse.ArgumentParser:
     """Build the argument parser with all subcommands."""
     parser = argparse.ArgumentParser(
@@ -227,6 +239,7 @@ def build_parser() -> argparse.ArgumentParser:
     )
     demo.set_defaults(handler=_run_demo)
 
+    _describe_subcommands(parser)
     return parser
 
 
