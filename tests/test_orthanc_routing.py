@@ -310,10 +310,12 @@ def test_job_and_audit_rows(routed: dict) -> None:
         ).all()
         state, delivered_at, result = job.state, job.delivered_at, job.result
 
-    assert state == JobState.SUCCEEDED and delivered_at is not None
+    assert state == JobState.SUCCEEDED
+    assert delivered_at is not None
     assert result["liver_volume_ml"] > 0
     assert {"received", "series_complete", "job_started", "job_finished", "sent", "delivery_confirmed"} <= kinds
-    assert len(confirmed) == 1 and f"{ORTHANC_AE_TITLE}@127.0.0.1" in confirmed[0]
+    assert len(confirmed) == 1
+    assert f"{ORTHANC_AE_TITLE}@127.0.0.1" in confirmed[0]
 
 
 def test_stow_rs_send_back_with_resend(routed: dict) -> None:
