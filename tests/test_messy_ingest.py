@@ -12,7 +12,6 @@ from __future__ import annotations
 import copy
 import datetime as dt
 import time
-from collections.abc import Iterator
 from pathlib import Path
 
 import numpy as np
@@ -58,21 +57,9 @@ from node.worker import Worker
 from tests.pg import free_port
 from tests.synthetic_series import SeriesSpec, write_synthetic_series
 from tests.test_scp import make_ct_series, make_settings, send_datasets, wait_for_audit
-from tests.test_worker import FakeAnalysis
+from tests.test_worker import FakeAnalysis, node  # noqa: F401 - shared pytest fixture
 
 SCU_AE_TITLE = "MESSYSCU"
-
-
-@pytest.fixture
-def node(tmp_path: Path) -> Iterator[tuple[Settings, Engine, DatabaseJobQueue]]:
-    settings = make_settings(tmp_path)
-    engine = init_db(settings.database_url)
-    queue = DatabaseJobQueue(engine)
-    scp = StorageSCP(settings, engine)
-    scp.start()
-    yield settings, engine, queue
-    scp.stop()
-    engine.dispose()
 
 
 def send_files_as_stored(settings: Settings, paths: list[Path], ae_title: str = SCU_AE_TITLE) -> list[int]:
