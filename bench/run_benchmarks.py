@@ -242,7 +242,7 @@ class NodeProcess:
                 assoc.release()
                 return
             time.sleep(0.5)
-        raise RuntimeError(f"livernode serve did not answer C-ECHO within {deadline_s} s")
+        raise RuntimeError(f"livernode serve did not respond to C-ECHO within {deadline_s} s")
 
     def peak_rss_mb(self) -> float:
         """Return the process's peak resident memory so far (VmHWM), in MiB."""
@@ -543,7 +543,7 @@ def networks(cache: Path, work: Path, weights: Path, slices: int, keras_python: 
     liver_model, lesion_model = load_models(settings)
     image = series_to_nifti(load_series(series_folder(cache, slices)))
 
-    # Record the tiles each network sees in one real analysis.
+    # Record the tiles each network receives in one real analysis.
     liver_recorder = _RecordingModule(liver_model.module)
     lesion_recorder = _RecordingModule(lesion_model.module)
     started = time.perf_counter()

@@ -109,7 +109,7 @@ def stow_files(
     try:
         response_dataset = client.store_instances(datasets)
     except requests.HTTPError as error:
-        # 409 Conflict and 4xx/5xx answers may still carry the status data set.
+        # 409 Conflict and 4xx/5xx responses may still carry the status data set.
         response_dataset = _status_dataset_from_error(error, url)
     except requests.RequestException as error:
         raise SendError(
@@ -146,7 +146,7 @@ def find_instances(
     Raises
     ------
     SendError
-        When the service cannot be reached or answers with an HTTP error.
+        When the service cannot be reached or responds with an HTTP error.
     """
     client = make_client(url, username=username, password=password, timeout_s=timeout_s)
     try:
@@ -178,7 +178,7 @@ def _status_dataset_from_error(error: requests.HTTPError, url: str) -> Dataset:
         except ValueError:
             pass
     raise SendError(
-        f"STOW-RS to {url} answered HTTP {status_code} without a DICOM JSON status data set"
+        f"STOW-RS to {url} returned HTTP {status_code} without a DICOM JSON status data set"
         f" ({content_type or 'no body'}). Check the URL, the credentials and that the "
         "service accepts the SOP classes sent.",
         peer=url,

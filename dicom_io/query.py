@@ -1,6 +1,6 @@
 """Finding instances at a DICOM peer with C-FIND (Study Root Query/Retrieve Information Model).
 
-Used to confirm a delivery: after a C-STORE the node asks the destination, at IMAGE level
+Used to confirm a delivery: after a C-STORE the node queries the destination, at IMAGE level
 with the Study and Series Instance UIDs as unique keys, which SOP instances it holds.
 """
 
@@ -35,7 +35,7 @@ def find_instances(
     calling_ae_title: str = "LIVERNODE",
     timeout_s: float = 30,
 ) -> set[str]:
-    """Return the SOP Instance UIDs a peer holds in the given series of one study.
+    """Return the SOP Instance UIDs a peer stores in the given series of one study.
 
     Sends one C-FIND request at IMAGE level per series over a single association, with
     the Study Root Query/Retrieve Information Model - FIND.

@@ -76,7 +76,7 @@ class AllowedPeer:
     ae_title : str
         Calling AE title of the peer.
     host : str
-        IP address the peer connects from, as the SCP sees it (for example ``"127.0.0.1"``).
+        IP address the peer connects from, as the SCP receives it (for example ``"127.0.0.1"``).
     """
 
     ae_title: str
@@ -144,7 +144,7 @@ class SeriesSettings:
 
 @dataclass
 class SelectionSettings:
-    """Which complete series are analysed; the others are skipped with an audited reason.
+    """Rules that select the complete series to analyse; the others are skipped with an audited reason.
 
     Attributes
     ----------
@@ -305,7 +305,7 @@ class WebSettings:
         TCP port, 1-65535; default 8080.
     users : dict of str to str
         User names and their password hashes from ``livernode web hash-password``, as a TOML
-        table ``{ admin = "scrypt$..." }``; default none, so nobody can log in.
+        table ``{ admin = "scrypt$..." }``; default none, so no user can log in.
     secret_key : str
         Key that signs the session cookie; default empty, which makes the node generate a
         random key at first start into ``<data_dir>/web-session.key`` (mode 0600).

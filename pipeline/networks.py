@@ -161,7 +161,7 @@ class UNetConfig:
 def _channel_view(x: torch.Tensor) -> tuple[torch.Tensor, bool]:
     """Return ``x`` as a ``(N, voxels, C)`` view when it is channels-last, else ``(N * C, voxels)``.
 
-    The second value tells which of the two layouts the view has. Neither copies ``x``.
+    The second value indicates which of the two layouts the view has. Neither copies ``x``.
     """
     batch, channels = x.shape[:2]
     if channels > 1 and x.is_contiguous(memory_format=torch.channels_last_3d):
@@ -641,7 +641,7 @@ class UNet3D(nn.Module):
         """Yield the cropped skip, then the upsampled coarse tensor in channel groups.
 
         Yields (first channel, group) pairs in the channel order of the Keras concatenation
-        ``[skip, upsampled]``. Each group is built only when the block asks for it.
+        ``[skip, upsampled]``. Each group is built only when the block requests it.
         """
         skip_channels = skip_holder[0].shape[1]
         yield 0, skip_holder.pop()

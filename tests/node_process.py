@@ -50,7 +50,7 @@ WEB_PASSWORD = "round-trip password"
 class ReceivingPacs:
     """A storage SCP on 127.0.0.1 that keeps every received SEG and SR as a file.
 
-    It also answers Study Root C-FIND at IMAGE level from the received files, so the node can
+    It also responds to Study Root C-FIND at IMAGE level from the received files, so the node can
     confirm its delivery.
     """
 
@@ -136,7 +136,7 @@ def stop_serve(process: subprocess.Popen, timeout_s: float = 60.0) -> None:
 
 
 def wait_for_echo(port: int, deadline_s: float = 120.0) -> None:
-    """Wait until the node answers C-ECHO on ``port``."""
+    """Wait until the node responds to C-ECHO on ``port``."""
     ae = AE(ae_title="ECHOSCU")
     ae.add_requested_context(Verification)
     stop_at = time.monotonic() + deadline_s
@@ -148,7 +148,7 @@ def wait_for_echo(port: int, deadline_s: float = 120.0) -> None:
             if status and status.Status == 0x0000:
                 return
         time.sleep(1.0)
-    raise AssertionError(f"the node did not answer C-ECHO on 127.0.0.1:{port} within {deadline_s} s")
+    raise AssertionError(f"the node did not respond to C-ECHO on 127.0.0.1:{port} within {deadline_s} s")
 
 
 def send_series(folder: Path, port: int) -> list[int]:

@@ -5,7 +5,7 @@ analysis of ``tests/test_worker.py`` (:class:`FakeAnalysis`, placeholder SEG and
 because the real analysis takes minutes per series. The series arrives through the real SCP,
 results leave through the real senders to a real Orthanc (Debian's ``orthanc`` and
 ``orthanc-dicomweb``) or to pynetdicom SCPs on 127.0.0.1. The STOW-RS response parser is also
-fed crafted responses from a small HTTP server, because a real Orthanc never answers with a
+fed crafted responses from a small HTTP server, because a real Orthanc never responds with a
 Failed SOP Sequence for valid files.
 """
 
@@ -157,7 +157,8 @@ def test_down_destination_fails_then_resend_delivers(node, tmp_path: Path) -> No
     assert "could not connect" in job.error
     failures = list_audit_events(engine, kind=AuditKind.SEND_FAILED, job_id=job_id)
     assert len(failures) == SEND_RETRIES + 1
-    assert "no retries left" in failures[-1].message and "could not connect" in failures[-1].message
+    assert "no retries left" in failures[-1].message
+    assert "could not connect" in failures[-1].message
     assert all(Path(path).is_file() for path in job.output_paths.values() if path)
 
     config = write_config(settings, tmp_path / "resend.toml", destination_lines)
@@ -253,7 +254,8 @@ def test_stow_rs_delivery_confirmed_by_qido(node, tmp_path: Path) -> None:
     assert output_sop_uids(engine, job_id) <= in_orthanc
     assert {record["status"] for record in job.delivery} == {"0x0000"}
     confirmed = list_audit_events(engine, kind=AuditKind.DELIVERY_CONFIRMED, job_id=job_id)
-    assert len(confirmed) == 1 and "DICOMweb" in confirmed[0].message
+    assert len(confirmed) == 1
+    assert "DICOMweb" in confirmed[0].message
 
 
 def test_stow_rs_wrong_password_fails(node, tmp_path: Path) -> None:
@@ -277,7 +279,7 @@ def test_stow_rs_wrong_password_fails(node, tmp_path: Path) -> None:
 
 
 class CraftedStowServer:
-    """HTTP server on 127.0.0.1 answering every POST with one fixed STOW-RS response."""
+    """HTTP server on 127.0.0.1 responding to every POST with one fixed STOW-RS response."""
 
     def __init__(self, status: int, body: dict) -> None:
         payload = json.dumps(body).encode()

@@ -1,7 +1,7 @@
 """Pipeline pieces on small arrays: normalisation, body crop, tiling, post-processing, volumes.
 
-The tiling tests use a tiny crop-only module in place of a network so that the geometry of the
-stitching can be checked exactly; the real networks run in the end-to-end tests.
+The tiling tests use a tiny crop-only module in place of a network, so the geometry of the
+stitching can be checked exactly. The real networks run in the end-to-end tests.
 """
 
 from __future__ import annotations

@@ -270,7 +270,7 @@ def test_worker_sends_to_dicom_destination(node) -> None:
     settings.destination.ae_title = DESTINATION_AE_TITLE
     settings.destination.host = "127.0.0.1"
     settings.destination.send_timeout_s = 5
-    # This storage SCP answers no C-FIND; confirmed delivery is tested against Orthanc.
+    # This storage SCP does not support C-FIND; confirmed delivery is tested against Orthanc.
     settings.destination.confirm_delivery = False
 
     with DestinationSCP() as destination:
@@ -355,7 +355,9 @@ def test_analysis_error_fails_job(node) -> None:
 
 def test_node_threads_process_series(node, tmp_path: Path, capsys, restore_logging) -> None:
     settings, engine, queue = node
-    settings.series.quiet_time_s = 0.5
+    # The quiet time must outlast the gaps between instances on a loaded machine, or the sweep
+    # completes the series after its first instance.
+    settings.series.quiet_time_s = 3.0
     settings.series.sweep_interval_s = 0.2
     settings.worker.poll_interval_s = 0.2
     scheduler = SeriesScheduler(settings, engine, queue)

@@ -106,7 +106,7 @@ def create_app(settings: Settings, engine: Engine) -> Starlette:
     ]
     if not settings.web.users:
         logger.warning(
-            "The web page has no users, so nobody can log in: add [web] users with hashes from "
+            "The web page has no users, so no one can log in: add [web] users with hashes from "
             "livernode web hash-password"
         )
     return Starlette(routes=routes, middleware=middleware)
@@ -133,7 +133,7 @@ class LoginRequiredMiddleware(BaseHTTPMiddleware):
 
 
 def current_user(request: Request, users: dict[str, str]) -> str | None:
-    """Return the logged-in user name, or None when nobody or a user no longer configured is logged in."""
+    """Return the logged-in user name, or None when no user, or a user no longer configured, is logged in."""
     user = request.session.get("user")
     return user if isinstance(user, str) and user in users else None
 

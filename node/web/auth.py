@@ -31,14 +31,14 @@ SALT_BYTES = 16
 #: exhaust memory at login.
 SCRYPT_MAX_MEMORY_BYTES = 256 * 1024 * 1024
 
-#: File in the data folder that holds the generated session signing key.
+#: File in the data folder that contains the generated session signing key.
 SECRET_FILE_NAME = "web-session.key"
 
 #: Bytes of randomness in a generated session key and in a CSRF token.
 SECRET_BYTES = 32
 CSRF_TOKEN_BYTES = 24
 
-# Verified against when the user name is unknown, so that the answer takes as long as for a
+# Verified against when the user name is unknown, so that the response takes as long as for a
 # known user with a wrong password.
 _DUMMY_HASH: str | None = None
 
