@@ -21,7 +21,7 @@ import numpy as np
 from node import __version__
 from node.config import Settings
 from pipeline.analysis import AnalysisResult, analyse
-from pipeline.inference import ModelHandle
+from pipeline.inference import ModelHandle, bfloat16_supported
 from pipeline.settings import AnalysisSettings
 
 logger = logging.getLogger(__name__)
@@ -80,6 +80,13 @@ def load_models(settings: Settings) -> tuple[ModelHandle, ModelHandle]:
             )
         )
     return handles[0], handles[1]
+
+
+def use_bfloat16(precision: str) -> bool:
+    """Return whether the networks run under bfloat16 autocast for ``analysis.precision``."""
+    if precision == "auto":
+        return bfloat16_supported()
+    return precision == "bfloat16"
 
 
 def algorithm_version(liver: ModelHandle, lesion: ModelHandle) -> str:
@@ -172,6 +179,7 @@ def segment(
         torch_threads=settings.analysis.torch_threads,
         memory_budget_mb=settings.analysis.memory_budget_mb,
         min_analysable_coverage_mm=settings.analysis.min_analysable_coverage_mm,
+        bfloat16=use_bfloat16(settings.analysis.precision),
     )
     result: AnalysisResult = analyse(image, liver_model, lesion_model, analysis_settings, progress)
     seconds.update(result.stage_seconds)

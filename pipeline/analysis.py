@@ -17,7 +17,7 @@ from pipeline.labels import LIVER_LABEL, TUMOR_LABEL
 from pipeline.memory import PeakRssSampler, current_rss_mb
 from pipeline.measurements import Measurements, measure
 from pipeline.postprocessing import dilate_liver, largest_liver_region, remove_small_components
-from pipeline.resample import grid_shape_for_spacing, resize_volume
+from pipeline.resample import grid_shape_for_spacing, linear_weights, resize_volume
 from pipeline.settings import AnalysisSettings
 
 logger = logging.getLogger(__name__)
@@ -77,12 +77,81 @@ class _StageTimer:
         return value
 
 
+@dataclass(frozen=True)
+class RegionMask:
+    """A boolean mask stored as the box that contains it and the mask inside that box.
+
+    Attributes
+    ----------
+    box: tuple[slice, slice, slice]
+        Index ranges of the box on the full grid.
+    mask: numpy.ndarray
+        Boolean mask with the box's shape.
+    """
+
+    box: tuple[slice, slice, slice]
+    mask: np.ndarray
+
+    @classmethod
+    def empty(cls) -> RegionMask:
+        """Return a mask with no voxel set."""
+        return cls((slice(0, 0), slice(0, 0), slice(0, 0)), np.zeros((0, 0, 0), dtype=bool))
+
+    def any(self) -> bool:
+        """Return True when at least one voxel is set."""
+        return bool(self.mask.any())
+
+    def crop(self, box: tuple[slice, slice, slice]) -> np.ndarray:
+        """Return the mask on another box of the same full grid; voxels outside read False."""
+        out = np.zeros(tuple(s.stop - s.start for s in box), dtype=bool)
+        source, target = [], []
+        for own, other in zip(self.box, box):
+            start, stop = max(own.start, other.start), min(own.stop, other.stop)
+            if stop <= start:
+                return out
+            source.append(slice(start - own.start, stop - own.start))
+            target.append(slice(start - other.start, stop - other.start))
+        out[tuple(target)] = self.mask[tuple(source)]
+        return out
+
+    def bounds(self) -> tuple[np.ndarray, np.ndarray]:
+        """Return the first and one-past-last set index per axis, on the full grid."""
+        low, high = [], []
+        for axis, own in enumerate(self.box):
+            other = tuple(a for a in range(3) if a != axis)
+            hits = np.flatnonzero(self.mask.any(axis=other))
+            low.append(own.start + int(hits[0]))
+            high.append(own.start + int(hits[-1]) + 1)
+        return np.array(low), np.array(high)
+
+
+def _image_data(image: nib.Nifti1Image) -> np.ndarray:
+    """Return the voxel values of ``image`` without a float copy of integer data.
+
+    Integer arrays (the converter's int16 HU) and integer files without scaling are returned as
+    they are; anything else is read as float32.
+    """
+    data = image.dataobj
+    if isinstance(data, np.ndarray):
+        if np.issubdtype(data.dtype, np.integer) or data.dtype == np.float32:
+            return data
+        return data.astype(np.float32)
+    slope, intercept = getattr(data, "slope", 1.0), getattr(data, "inter", 0.0)
+    if np.issubdtype(data.dtype, np.integer) and slope == 1.0 and intercept == 0.0:
+        return np.asanyarray(data.get_unscaled())
+    return np.asarray(data, dtype=np.float32)
+
+
 def _to_ras(image: nib.Nifti1Image) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    """Return the HU array in RAS order, its affine and the orientation that maps it back."""
+    """Return the HU array in RAS order, its affine and the orientation that maps it back.
+
+    The array is a view of the image's data where possible (axes flipped and swapped, not
+    copied), int16 or float32 as the image holds it.
+    """
     orientation = nib.io_orientation(image.affine)
     ras = nib.orientations.axcodes2ornt(("R", "A", "S"))
     to_ras = nib.orientations.ornt_transform(orientation, ras)
-    data = np.asarray(image.dataobj, dtype=np.float32)
+    data = _image_data(image)
     if data.ndim == 4 and data.shape[3] == 1:
         data = data[..., 0]
     if data.ndim != 3:
@@ -91,13 +160,23 @@ def _to_ras(image: nib.Nifti1Image) -> tuple[np.ndarray, np.ndarray, np.ndarray]
     ras_data = nib.orientations.apply_orientation(data, to_ras)
     ras_affine = image.affine @ nib.orientations.inv_ornt_aff(to_ras, data.shape)
     back = nib.orientations.ornt_transform(ras, orientation)
-    return np.ascontiguousarray(ras_data, dtype=np.float32), ras_affine, back
+    return ras_data, ras_affine, back
+
+
+def _source_range(network_low: int, network_high: int, network_length: int, length: int) -> slice:
+    """Return the voxels of an axis of ``length`` whose interpolation from a network grid of
+    ``network_length`` reads a voxel in ``[network_low, network_high)``."""
+    lower, upper, _ = linear_weights(network_length, length, np.arange(length))
+    hits = np.flatnonzero((upper >= network_low) & (lower < network_high))
+    if hits.size == 0:
+        return slice(0, 0)
+    return slice(int(hits[0]), int(hits[-1]) + 1)
 
 
 def _segment_liver(
     hu: np.ndarray, spacing: np.ndarray, model: ModelHandle, settings: AnalysisSettings
-) -> np.ndarray:
-    """Return the boolean liver mask on the grid of ``hu``."""
+) -> RegionMask:
+    """Return the liver mask on the grid of ``hu``, stored as its bounding box."""
     box = preprocessing.body_bounding_box(
         hu, spacing, threshold_hu=settings.body_threshold_hu, margin_mm=settings.body_margin_mm
     )
@@ -117,33 +196,48 @@ def _segment_liver(
         overlap=settings.tile_overlap,
         pad_value=preprocessing.AIR_NORMALISED,
         edge_axes=(2,),
+        bfloat16=settings.bfloat16,
     )
     region = largest_liver_region(probabilities, settings.liver_threshold)
+    if not region.any():
+        return RegionMask.empty()
     kept = np.where(region, probabilities, np.float32(0.0))
 
-    mask = np.zeros(hu.shape, dtype=bool)
-    mask[box] = resize_volume(kept, cropped.shape) > settings.liver_threshold
-    return mask
+    # Only the source voxels whose interpolation reads the liver region are resampled.
+    found = RegionMask(tuple(slice(0, n) for n in region.shape), region)
+    low, high = found.bounds()
+    crop_region = tuple(
+        _source_range(int(lo), int(hi), n, m)
+        for lo, hi, n, m in zip(low, high, region.shape, cropped.shape)
+    )
+    mask = resize_volume(kept, cropped.shape, region=crop_region) > settings.liver_threshold
+    full_box = tuple(
+        slice(outer.start + inner.start, outer.start + inner.stop) for outer, inner in zip(box, crop_region)
+    )
+    return RegionMask(full_box, mask)
 
 
 def _segment_tumors(
     hu: np.ndarray,
     spacing: np.ndarray,
-    liver: np.ndarray,
+    liver: RegionMask,
     model: ModelHandle,
     settings: AnalysisSettings,
-) -> np.ndarray:
-    """Return the boolean tumour mask on the grid of ``hu``; tumours lie in the dilated liver."""
+) -> RegionMask:
+    """Return the tumour mask on the grid of ``hu``; tumours lie in the dilated liver.
+
+    The returned box is the liver's bounding box grown by :data:`LESION_REGION_MARGIN_MM`.
+    """
     margin = [int(np.ceil(LESION_REGION_MARGIN_MM / s)) for s in spacing]
-    extent = np.argwhere(liver)
-    low = np.maximum(extent.min(axis=0) - margin, 0)
-    high = np.minimum(extent.max(axis=0) + 1 + np.array(margin), hu.shape)
+    liver_low, liver_high = liver.bounds()
+    low = np.maximum(liver_low - margin, 0)
+    high = np.minimum(liver_high + np.array(margin), hu.shape)
     box = tuple(slice(int(lo), int(hi)) for lo, hi in zip(low, high))
 
-    region_shape = hu[box].shape
+    region_shape = tuple(int(hi - lo) for lo, hi in zip(low, high))
     grid = grid_shape_for_spacing(region_shape, spacing, model.voxel_size_mm)
-    normalised = resize_volume(preprocessing.normalise_ct(hu[box]), grid)
-    liver_on_grid = resize_volume(liver[box].astype(np.float32), grid) > 0.5
+    normalised = preprocessing.normalise_ct(resize_volume(hu[box], grid))
+    liver_on_grid = resize_volume(liver.crop(box), grid) > 0.5
     liver_region = dilate_liver(liver_on_grid, settings.liver_dilation_voxels)
     network_input = preprocessing.lesion_network_input(normalised, liver_region)
 
@@ -167,12 +261,10 @@ def _segment_tumors(
         tiled_model,
         overlap=settings.tile_overlap,
         required=liver_region[inner_box],
+        bfloat16=settings.bfloat16,
     )
     probabilities[~liver_region] = 0.0
-
-    tumors = np.zeros(hu.shape, dtype=bool)
-    tumors[box] = resize_volume(probabilities, region_shape) > settings.tumor_threshold
-    return tumors
+    return RegionMask(box, resize_volume(probabilities, region_shape) > settings.tumor_threshold)
 
 
 def analyse(
@@ -264,16 +356,20 @@ def _analyse(
         )
     else:
         warnings.append("no liver found: the tumour network was not run")
-        tumors = np.zeros_like(liver)
+        tumors = RegionMask.empty()
         timer.seconds["tumor_inference"] = 0.0
 
     def postprocess() -> np.ndarray:
         voxel_volume = float(np.prod(spacing))
         min_voxels = int(np.ceil(settings.min_tumor_volume_ml * 1000.0 / voxel_volume))
-        kept_tumors = remove_small_components(tumors & dilate_liver(liver, 1), min_voxels)
         labels = np.zeros(hu.shape, dtype=np.uint8)
-        labels[liver] = LIVER_LABEL
-        labels[kept_tumors] = TUMOR_LABEL
+        labels[liver.box][liver.mask] = LIVER_LABEL
+        if tumors.any():
+            # The tumour box contains the liver with a margin, so dilating the liver inside it
+            # equals dilating it on the whole grid.
+            near_liver = dilate_liver(liver.crop(tumors.box), 1)
+            kept_tumors = remove_small_components(tumors.mask & near_liver, min_voxels)
+            labels[tumors.box][kept_tumors] = TUMOR_LABEL
         if labels[:, :, 0].any() or labels[:, :, -1].any():
             warnings.append(
                 "the liver touches the first or last slice: it extends beyond the field of view "

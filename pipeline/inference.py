@@ -48,6 +48,16 @@ class ModelHandle:
     peak_bytes_per_input_voxel: float
 
 
+def bfloat16_supported() -> bool:
+    """Return True when the CPU computes bfloat16 convolutions natively (AVX512-BF16 or AMX).
+
+    Without such instructions oneDNN converts bfloat16 in software, so no speed-up is expected.
+    NOTE: only CPUs with AVX512-BF16 were measured (AMD EPYC: a lesion tile 1.4 times faster).
+    """
+    checks = ("_is_avx512_bf16_supported", "_is_amx_tile_supported")
+    return any(bool(getattr(torch.cpu, name, lambda: False)()) for name in checks)
+
+
 def plan_tiles(extent: Sequence[int], model: ModelHandle, max_growth: float = 1.2) -> ModelHandle:
     """Fit the output tile to a region so that it is covered with few, evenly sized tiles.
 
@@ -129,6 +139,7 @@ def sliding_window_predict(
     pad_value: float = 0.0,
     edge_axes: Sequence[int] = (),
     required: np.ndarray | None = None,
+    bfloat16: bool = False,
     progress: Callable[[int, int], None] | None = None,
 ) -> np.ndarray:
     """Run ``model`` over ``volume`` tile by tile and stitch the probabilities.
@@ -154,6 +165,9 @@ def sliding_window_predict(
     required: numpy.ndarray | None
         Boolean mask with the shape of ``volume``. Tiles whose output window holds no True voxel
         are skipped and read 0. None runs every tile.
+    bfloat16: bool
+        Run the network under CPU autocast to bfloat16: convolutions compute in bfloat16 and
+        the probabilities come back as float32.
     progress: Callable[[int, int], None] | None
         Called with (tiles done, tiles in all) after each tile.
 
@@ -199,7 +213,7 @@ def sliding_window_predict(
     counts = np.zeros(tuple(grid_shape), dtype=np.float32) if overlap > 0 else None
 
     logger.debug("%s network: %d tiles over a %s grid", model.name, len(windows), tuple(grid_shape))
-    with torch.inference_mode():
+    with torch.inference_mode(), torch.autocast("cpu", dtype=torch.bfloat16, enabled=bfloat16):
         for done, window in enumerate(windows, start=1):
             # Output window (start..stop) on the grid reads input (start..stop + margins) in `padded`.
             starts = [int(s.start) for s in window]
@@ -211,7 +225,7 @@ def sliding_window_predict(
 
             input_slices = tuple(slice(s, s + int(n)) for s, n in zip(starts, in_size))
             tile = torch.from_numpy(np.ascontiguousarray(padded[input_slices]))[None, None]
-            output = model.module(tile)[0, 0].numpy()
+            output = model.module(tile)[0, 0].float().numpy()
             if counts is None:
                 probabilities[output_slices] = output
             else:

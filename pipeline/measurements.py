@@ -64,10 +64,14 @@ def measure(labels: np.ndarray, affine: np.ndarray) -> Measurements:
         Volumes rounded to 0.01 mL and burden to 0.01 %.
     """
     voxel_volume = float(abs(np.linalg.det(np.asarray(affine, dtype=np.float64)[:3, :3])))
-    liver_voxels = int(np.count_nonzero(labels == LIVER_LABEL))
-    tumor_mask = labels == TUMOR_LABEL
-    tumor_voxels = int(np.count_nonzero(tumor_mask))
-    _, tumor_count = ndimage.label(tumor_mask, structure=TUMOR_COMPONENT_STRUCTURE)
+    counts = np.bincount(np.asarray(labels, dtype=np.uint8).ravel(), minlength=max(LIVER_LABEL, TUMOR_LABEL) + 1)
+    liver_voxels = int(counts[LIVER_LABEL])
+    tumor_voxels = int(counts[TUMOR_LABEL])
+    tumor_count = 0
+    if tumor_voxels:
+        # Components are counted inside the tumours' bounding box, which contains all of them.
+        box = ndimage.find_objects((labels == TUMOR_LABEL).astype(np.uint8))[0]
+        _, tumor_count = ndimage.label(labels[box] == TUMOR_LABEL, structure=TUMOR_COMPONENT_STRUCTURE)
 
     liver_ml = liver_voxels * voxel_volume / MM3_PER_ML
     tumor_ml = tumor_voxels * voxel_volume / MM3_PER_ML

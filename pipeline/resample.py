@@ -11,6 +11,9 @@ import torch.nn.functional as F
 
 logger = logging.getLogger(__name__)
 
+#: Voxels of float32 work array allowed per chunk when an axis is interpolated (64 MiB).
+CHUNK_VOXELS = 16 * 2**20
+
 
 def grid_shape_for_spacing(
     shape: Sequence[int], spacing: Sequence[float], target_spacing: Sequence[float]
@@ -36,11 +39,77 @@ def grid_shape_for_spacing(
     )
 
 
-def resize_volume(volume: np.ndarray, shape: Sequence[int], mode: str = "trilinear") -> np.ndarray:
+def linear_weights(
+    source_length: int, target_length: int, indices: np.ndarray
+) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Return the two source neighbours and the weight of the upper one for target ``indices``.
+
+    Voxel edges of both grids coincide: target voxel ``j`` samples the source at
+    ``(j + 0.5) * source_length / target_length - 0.5``, clamped to the first voxel, as
+    ``torch.nn.functional.interpolate`` does with ``align_corners=False``.
+
+    Parameters
+    ----------
+    source_length, target_length: int
+        Lengths of the axis on both grids.
+    indices: numpy.ndarray
+        Target voxel indices.
+
+    Returns
+    -------
+    tuple[numpy.ndarray, numpy.ndarray, numpy.ndarray]
+        Lower and upper source indices and the float32 weight of the upper one.
+    """
+    scale = source_length / target_length
+    position = np.maximum((indices + 0.5) * scale - 0.5, 0.0)
+    lower = np.minimum(np.floor(position).astype(np.intp), source_length - 1)
+    upper = np.minimum(lower + 1, source_length - 1)
+    return lower, upper, (position - lower).astype(np.float32)
+
+
+def _interpolate_axis(volume: np.ndarray, axis: int, target_length: int, indices: np.ndarray) -> np.ndarray:
+    """Linearly interpolate ``volume`` along ``axis`` at target ``indices``, as float32.
+
+    The work is split into chunks along another axis so that integer or non-contiguous input
+    is converted to float32 a chunk at a time.
+    """
+    lower, upper, weight = linear_weights(volume.shape[axis], target_length, indices)
+    out_shape = list(volume.shape)
+    out_shape[axis] = len(indices)
+    out = np.empty(out_shape, dtype=np.float32)
+
+    chunk_axis = 2 if axis != 2 else 0
+    per_plane = max(1, int(np.prod(out_shape)) // max(1, out_shape[chunk_axis]))
+    step = max(1, CHUNK_VOXELS // per_plane)
+    shape = [1, 1, 1]
+    shape[axis] = len(indices)
+    weight = weight.reshape(shape)
+    for start in range(0, volume.shape[chunk_axis], step):
+        part = [slice(None)] * 3
+        part[chunk_axis] = slice(start, start + step)
+        source = volume[tuple(part)]
+        low = np.take(source, lower, axis=axis).astype(np.float32, copy=False)
+        high = np.take(source, upper, axis=axis).astype(np.float32, copy=False)
+        high -= low
+        high *= weight
+        high += low
+        out[tuple(part)] = high
+    return out
+
+
+def resize_volume(
+    volume: np.ndarray,
+    shape: Sequence[int],
+    mode: str = "trilinear",
+    *,
+    region: Sequence[slice] | None = None,
+) -> np.ndarray:
     """Resample a 3D array onto a grid of ``shape`` voxels covering the same extent.
 
     Voxel edges of both grids coincide (``align_corners=False``), so a resize followed by the
-    reverse resize maps every voxel back onto its original position.
+    reverse resize maps every voxel back onto its original position. Trilinear resampling is
+    done one axis at a time, shrinking axes first, in chunks, so that the float32 work arrays
+    stay near the size of the output; the input may be any numeric dtype and a view.
 
     Parameters
     ----------
@@ -50,20 +119,39 @@ def resize_volume(volume: np.ndarray, shape: Sequence[int], mode: str = "triline
         Target number of voxels per axis.
     mode: str
         ``"trilinear"`` or ``"nearest"``.
+    region: Sequence[slice] | None
+        Part of the target grid to compute (slices with steps of 1); None for all of it.
+        Only trilinear resampling takes a region.
 
     Returns
     -------
     numpy.ndarray
-        float32 array of ``shape``.
+        float32 array of ``shape``, or of the region's size.
+
+    Raises
+    ------
+    ValueError
+        If ``region`` is given with ``mode="nearest"``.
     """
     target = tuple(int(n) for n in shape)
-    tensor = torch.from_numpy(np.ascontiguousarray(volume, dtype=np.float32))[None, None]
-    if tuple(tensor.shape[2:]) == target:
-        return tensor[0, 0].numpy()
-
-    with torch.inference_mode():
-        if mode == "nearest":
+    if mode == "nearest":
+        if region is not None:
+            raise ValueError("resize_volume takes a region only with mode='trilinear'")
+        tensor = torch.from_numpy(np.ascontiguousarray(volume, dtype=np.float32))[None, None]
+        if tuple(tensor.shape[2:]) == target:
+            return tensor[0, 0].numpy()
+        with torch.inference_mode():
             resized = F.interpolate(tensor, size=target, mode="nearest-exact")
-        else:
-            resized = F.interpolate(tensor, size=target, mode=mode, align_corners=False)
-    return resized[0, 0].numpy()
+        return resized[0, 0].numpy()
+
+    wanted = [
+        np.arange(n) if region is None else np.arange(n)[region[axis]] for axis, n in enumerate(target)
+    ]
+    # Axes that shrink the most go first, so the intermediate arrays stay small.
+    order = sorted(range(3), key=lambda axis: len(wanted[axis]) / volume.shape[axis])
+    result: np.ndarray = volume
+    for axis in order:
+        if result.shape[axis] == target[axis] and len(wanted[axis]) == target[axis]:
+            continue
+        result = _interpolate_axis(result, axis, target[axis], wanted[axis])
+    return np.ascontiguousarray(result, dtype=np.float32)

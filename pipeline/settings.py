@@ -56,6 +56,8 @@ class AnalysisSettings:
         "not analysable", in mm (default 0: always analyse). The node passes
         ``analysis.min_analysable_coverage_mm``, whose default is
         :data:`DEFAULT_MIN_ANALYSABLE_COVERAGE_MM`.
+    bfloat16: bool
+        Run both networks under bfloat16 autocast (default False).
     """
 
     torch_threads: int = 2
@@ -70,3 +72,4 @@ class AnalysisSettings:
     min_tumor_volume_ml: float = 0.0
     min_coverage_mm: float = 150.0
     min_analysable_coverage_mm: float = 0.0
+    bfloat16: bool = False

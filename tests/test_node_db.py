@@ -225,6 +225,7 @@ def test_settings_defaults_derived_from_data_dir() -> None:
     assert settings.analysis.torch_threads == 2
     assert settings.analysis.memory_budget_mb == 6000
     assert settings.analysis.keep_empty_frames is True
+    assert settings.analysis.precision == "auto"
 
 
 def test_settings_from_toml_and_environment(tmp_path: Path) -> None:
@@ -239,6 +240,7 @@ def test_settings_from_toml_and_environment(tmp_path: Path) -> None:
         "LIVERNODE_CONFIG": str(config),
         "LIVERNODE_PORT": "5555",
         "LIVERNODE_WEIGHTS_CACHE": "/cache/weights",
+        "LIVERNODE_PRECISION": "float32",
     }
 
     settings = load_settings(environ=environ)
@@ -249,6 +251,7 @@ def test_settings_from_toml_and_environment(tmp_path: Path) -> None:
     assert settings.weights_cache_dir == Path("/cache/weights")
     assert settings.destination.kind == "dicom"
     assert settings.analysis.keep_empty_frames is False
+    assert settings.analysis.precision == "float32"
 
 
 @pytest.mark.parametrize(
@@ -261,6 +264,7 @@ def test_settings_from_toml_and_environment(tmp_path: Path) -> None:
         ('[destination]\nkind = "dicom"\nae_title = "PACS"\n', "destination.host", "host"),
         ("[scp]\nportt = 1\n", "scp.portt", "scp.port"),
         ('[scp]\nport = "high"\n', "scp.port", "int"),
+        ('[analysis]\nprecision = "half"\n', "analysis.precision", "'bfloat16', 'float32'"),
     ],
 )
 def test_settings_invalid_value_named(tmp_path: Path, toml: str, named_key: str, allowed: str) -> None:

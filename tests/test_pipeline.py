@@ -238,3 +238,58 @@ def test_liver_input_median_only_for_fine_voxels() -> None:
     assert filtered.shape == (10, 10, 10)
     # The median filter removes most of the noise that plain averaging would leave.
     assert filtered.std() < normalise_ct(fine).std() / 2
+
+
+def test_precision_setting_picks_bfloat16_only_where_native() -> None:
+    from node.analysis import use_bfloat16
+    from pipeline.inference import bfloat16_supported
+
+    assert use_bfloat16("bfloat16") is True
+    assert use_bfloat16("float32") is False
+    assert use_bfloat16("auto") is bfloat16_supported()
+
+
+def test_bfloat16_tiles_return_float32_close_to_float32() -> None:
+    torch.manual_seed(0)
+    module = torch.nn.Sequential(torch.nn.Conv3d(1, 4, 3, padding=1), torch.nn.Conv3d(4, 1, 1), torch.nn.Sigmoid()).eval()
+    handle = ModelHandle("lesion", module, (1.0, 1.0, 1.0), (8, 8, 8), (8, 8, 8), "0" * 64, 100.0)
+    volume = np.random.default_rng(0).uniform(-0.5, 0.5, size=(16, 12, 8)).astype(np.float32)
+
+    exact = sliding_window_predict(volume, handle)
+    reduced = sliding_window_predict(volume, handle, bfloat16=True)
+
+    assert reduced.dtype == np.float32
+    assert np.abs(reduced - exact).max() < 0.02
+    assert not np.array_equal(reduced, exact)
+
+
+def test_resize_region_equals_the_same_part_of_a_whole_resize() -> None:
+    volume = np.random.default_rng(3).normal(size=(40, 30, 20)).astype(np.float32)
+    region = (slice(5, 50), slice(0, 17), slice(33, 41))
+
+    whole = resize_volume(volume, (90, 17, 41))
+    part = resize_volume(volume, (90, 17, 41), region=region)
+
+    assert part.shape == (45, 17, 8)
+    assert np.allclose(part, whole[region], atol=1e-6)
+
+
+def test_resize_matches_torch_trilinear_for_integer_views() -> None:
+    import torch.nn.functional as F
+
+    volume = np.random.default_rng(4).integers(-1000, 1000, size=(37, 29, 23)).astype(np.int16)[::-1, :, ::-1]
+    expected = F.interpolate(
+        torch.from_numpy(volume.astype(np.float32))[None, None], size=(20, 61, 23), mode="trilinear", align_corners=False
+    )[0, 0].numpy()
+
+    assert np.allclose(resize_volume(volume, (20, 61, 23)), expected, rtol=0, atol=0.01)
+
+
+def test_to_ras_keeps_int16_data_without_a_copy() -> None:
+    data = np.arange(4 * 5 * 6, dtype=np.int16).reshape(4, 5, 6)
+    image = nib.Nifti1Image(data, np.diag([-1.0, -1.0, 2.0, 1.0]))
+
+    ras, _, _ = _to_ras(image)
+
+    assert ras.dtype == np.int16
+    assert np.shares_memory(ras, data)
