@@ -292,7 +292,6 @@ class Worker:
             result = self.analyse(input_dir, out_dir, self.settings, progress)
             result = json.loads(json.dumps(result, default=str))
             replaced = _reference_predecessor(result, previous)
-            self._add_overlays(job_id, series_uid, input_dir, out_dir, result)
             write_atomically(
                 out_dir / RESULT_FILE_NAME, (json.dumps(result, indent=2) + "\n").encode()
             )
@@ -341,28 +340,48 @@ class Worker:
         logger.info("Job %d: %s", job_id, _summarise_result(result))
         return True
 
-    def _add_overlays(
-        self, job_id: int, series_uid: str, input_dir: Path, out_dir: Path, result: dict[str, Any]
-    ) -> None:
-        """Write the overlay PNG files and list them under ``result["outputs"]["overlays"]``.
+    def _add_overlays(self, job_id: int) -> None:
+        """Write the overlay pictures of a job; any error is logged and the delivery goes on."""
+        try:
+            self._write_overlays(job_id)
+        except Exception:  # noqa: BLE001 - the pictures are a preview, never a reason to fail
+            logger.exception("Job %d: recording the overlay pictures failed", job_id)
 
-        A failure only adds a warning to the result, because the pictures are a preview and
-        the SEG and SR do not depend on them.
+    def _write_overlays(self, job_id: int) -> None:
+        """Write the overlay PNG files of an analysed job once, and list them in its result.
+
+        Runs after SEG and SR were sent, so the pictures do not delay the delivery. A failure
+        only adds a warning to the result, because the pictures are a preview and the SEG and
+        SR do not depend on them.
         """
+        with session_scope(self.engine) as session:
+            job = session.get(Job, job_id)
+            result = json.loads(json.dumps(job.result or {}))  # type: ignore[union-attr]
+            series_uid = job.series.series_instance_uid  # type: ignore[union-attr]
+            study_uid = job.series.study.study_instance_uid  # type: ignore[union-attr]
+            out_dir = Path(job.output_dir) if job.output_dir else None  # type: ignore[union-attr]
         outputs = result.get("outputs")
         mask_path = outputs.get("mask") if isinstance(outputs, dict) else None
+        if out_dir is None or "overlays" in (outputs or {}):
+            return
         if not mask_path or not Path(mask_path).is_file():
             logger.debug("Job %d: no mask.nii.gz, so no overlay pictures", job_id)
             return
 
         from node.overlay import write_series_overlays
 
+        input_dir = self.spool.series_dir(study_uid, series_uid)
         try:
             outputs["overlays"] = write_series_overlays(input_dir, Path(mask_path), out_dir, result)
         except Exception as error:  # noqa: BLE001 - a preview failure must not fail the job
             reason = f"{error.__class__.__name__}: {error}"
             logger.warning("Job %d: overlay pictures of series %s failed: %s", job_id, series_uid, reason)
             result.setdefault("warnings", []).append(f"overlay pictures not written: {reason}")
+        write_atomically(out_dir / RESULT_FILE_NAME, (json.dumps(result, indent=2) + "\n").encode())
+        with session_scope(self.engine) as session:
+            job = session.get(Job, job_id)
+            job.result = result  # type: ignore[union-attr]
+            job.output_paths = result.get("outputs")  # type: ignore[union-attr]
 
     def _archive_previous_result(self, job_id: int, out_dir: Path) -> _PreviousResult | None:
         """Move the outputs of the series' last analysed job out of ``out_dir``.
@@ -454,7 +473,10 @@ class Worker:
                     self._confirm(job_id, study_uid, paths, records)
         except Exception as error:  # noqa: BLE001 - every delivery error is retried
             reason = f"{error.__class__.__name__}: {error}"
+            self._add_overlays(job_id)
             return self._finish_delivery_failed(job_id, attempt, reason)
+
+        self._add_overlays(job_id)
 
         with session_scope(self.engine) as session:
             job = session.get(Job, job_id)
