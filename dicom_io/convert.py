@@ -4,6 +4,10 @@ Coordinate conventions: DICOM patient coordinates are LPS, NIfTI world coordinat
 a DICOM position ``(x, y, z)`` is ``(-x, -y, z)`` in RAS. On the native grid of a series, voxel
 index ``i`` runs along the columns of a slice (the row direction cosine), ``j`` along its rows
 (the column direction cosine) and ``k`` over ``CTSeries.datasets`` in sorted order.
+
+The volume is decoded here, instance by instance, into one preallocated array (see
+:mod:`dicom_io.hu_volume`). dicom2nifti, an independent implementation, is kept in
+:mod:`dicom_io.reference_conversion` to check this conversion in the tests.
 """
 
 from __future__ import annotations
@@ -11,28 +15,27 @@ from __future__ import annotations
 import logging
 from collections.abc import Callable
 
-import dicom2nifti.convert_dicom
 import nibabel as nib
 import numpy as np
-from pydicom.dataset import Dataset
-from pydicom.pixels import apply_rescale
 
 from dicom_io.errors import ConversionError
+from dicom_io.hu_volume import PADDING_HU, read_hu_volume, slice_hu_float32
 from dicom_io.series import CTSeries
 
 logger = logging.getLogger(__name__)
 
-LPS_TO_RAS = np.diag([-1.0, -1.0, 1.0, 1.0])
+__all__ = [
+    "PADDING_HU",
+    "labels_to_source_frames",
+    "native_affine_ras",
+    "regular_grid_positions",
+    "series_to_nifti",
+]
 
-# Maximum distance in mm between the volume corners placed by dicom2nifti's affine and by the
-# affine built here. Beyond it, the conversion falls back to the affine built here.
-AFFINE_AGREEMENT_TOLERANCE_MM = 0.05
+LPS_TO_RAS = np.diag([-1.0, -1.0, 1.0, 1.0])
 
 #: Percentile of the slice steps used as the step of the regular grid for irregular series.
 GRID_STEP_PERCENTILE = 10
-
-#: HU given to padding pixels (PixelPaddingValue): air.
-PADDING_HU = -1024.0
 
 # A source pixel centre may lie this far (in voxels) from the nearest voxel centre before
 # labels_to_source_frames reports that the label grid does not match the series.
@@ -77,36 +80,11 @@ def native_affine_ras(series: CTSeries) -> np.ndarray:
     return LPS_TO_RAS @ affine_lps
 
 
-def slice_hu(dataset: Dataset) -> np.ndarray:
-    """Decode one slice and return its HU as a float32 ``(rows, columns)`` array.
-
-    The modality LUT (RescaleSlope, RescaleIntercept) is applied to the stored values, which
-    pydicom reads as signed or unsigned from PixelRepresentation and masks to BitsStored.
-    Pixels equal to PixelPaddingValue, or between it and PixelPaddingRangeLimit, lie outside
-    the reconstructed field and become :data:`PADDING_HU` (air) instead of their rescaled value.
-    """
-    stored = dataset.pixel_array
-    hu = np.asarray(apply_rescale(stored, dataset), dtype=np.float32)
-
-    padding = dataset.get("PixelPaddingValue")
-    if padding is not None:
-        limit = dataset.get("PixelPaddingRangeLimit")
-        padding_value = int(padding)
-        if limit is None:
-            padded = stored == padding_value
-        else:
-            low, high = sorted((padding_value, int(limit)))
-            padded = (stored >= low) & (stored <= high)
-        hu[padded] = PADDING_HU
-    return hu
-
-
-def _native_volume_hu(series: CTSeries) -> np.ndarray:
-    """Decode every slice and apply the modality LUT, giving a ``(columns, rows, slices)`` array."""
-    volume = np.empty((series.columns, series.rows, len(series.datasets)), dtype=np.float32)
-    for k, dataset in enumerate(series.datasets):
-        volume[:, :, k] = slice_hu(dataset).T
-    return volume
+def _locations_of(series: CTSeries) -> list:
+    """Pixel Data locations in the order of ``series.datasets``; None for each when unknown."""
+    if len(series.pixel_data_locations) == len(series.datasets):
+        return list(series.pixel_data_locations)
+    return [None] * len(series.datasets)
 
 
 def regular_grid_positions(series: CTSeries) -> np.ndarray:
@@ -124,9 +102,13 @@ def regular_grid_positions(series: CTSeries) -> np.ndarray:
 
 
 def _resampled_volume_hu(series: CTSeries, grid_positions: np.ndarray) -> np.ndarray:
-    """Interpolate the source slices linearly along the normal at ``grid_positions``."""
+    """Interpolate the source slices linearly along the normal at ``grid_positions``.
+
+    Returns a float32 ``(grid slices, Rows, Columns)`` array.
+    """
     source = series.positions_mm
-    volume = np.empty((series.columns, series.rows, len(grid_positions)), dtype=np.float32)
+    locations = _locations_of(series)
+    volume = np.empty((len(grid_positions), series.rows, series.columns), dtype=np.float32)
     # Grid positions ascend, so only the two source slices around the current one are kept.
     cache: dict[int, np.ndarray] = {}
 
@@ -134,7 +116,7 @@ def _resampled_volume_hu(series: CTSeries, grid_positions: np.ndarray) -> np.nda
         if index not in cache:
             for stale in [key for key in cache if key < index - 1]:
                 del cache[stale]
-            cache[index] = slice_hu(series.datasets[index]).T
+            cache[index] = slice_hu_float32(series.files[index], series.datasets[index], locations[index])
         return cache[index]
 
     for k, position in enumerate(grid_positions):
@@ -143,11 +125,11 @@ def _resampled_volume_hu(series: CTSeries, grid_positions: np.ndarray) -> np.nda
         span = source[upper] - source[lower]
         weight = float(np.clip((position - source[lower]) / span, 0.0, 1.0))
         if weight < 1e-6:
-            volume[:, :, k] = hu_of(lower)
+            volume[k] = hu_of(lower)
         elif weight > 1.0 - 1e-6:
-            volume[:, :, k] = hu_of(upper)
+            volume[k] = hu_of(upper)
         else:
-            volume[:, :, k] = (1.0 - weight) * hu_of(lower) + weight * hu_of(upper)
+            volume[k] = (1.0 - weight) * hu_of(lower) + weight * hu_of(upper)
     return volume
 
 
@@ -165,84 +147,41 @@ def _regular_affine_ras(series: CTSeries, grid_positions: np.ndarray) -> np.ndar
     return affine
 
 
-def _corner_distance_mm(affine_a: np.ndarray, affine_b: np.ndarray, shape: tuple[int, ...]) -> float:
-    corners = np.array(
-        [[i, j, k, 1.0] for i in (0, shape[0] - 1) for j in (0, shape[1] - 1) for k in (0, shape[2] - 1)]
-    ).T
-    return float(np.abs(affine_a @ corners - affine_b @ corners).max())
-
-
-def _convert_with_dicom2nifti(series: CTSeries, native_affine: np.ndarray) -> nib.Nifti1Image | None:
-    """Return dicom2nifti's volume as RAS+ float32, or None when it is unusable for this series."""
-    shape = (series.columns, series.rows, len(series.datasets))
-    try:
-        # reorient_nifti=False because dicom2nifti 2.6 writes the reoriented image to
-        # output_file and fails when that is None; reorientation happens below with nibabel.
-        result = dicom2nifti.convert_dicom.dicom_array_to_nifti(
-            list(series.datasets), None, reorient_nifti=False
-        )
-    except Exception as error:  # dicom2nifti raises plain exceptions as well as its own
-        logger.info(
-            "dicom2nifti did not convert series %s (%s: %s); building the volume directly",
-            series.series_instance_uid or "<no SeriesInstanceUID>",
-            type(error).__name__,
-            error,
-        )
-        return None
-
-    image = result["NII"]
-    if image.shape != shape:
-        logger.warning(
-            "dicom2nifti returned shape %s for series %s but the validated series has %s; "
-            "building the volume directly",
-            image.shape,
-            series.series_instance_uid,
-            shape,
-        )
-        return None
-
-    canonical = nib.as_closest_canonical(image)
-    expected = nib.as_closest_canonical(nib.Nifti1Image(np.zeros(shape, dtype=np.uint8), native_affine))
-    distance = _corner_distance_mm(canonical.affine, expected.affine, shape)
-    if canonical.shape != expected.shape or distance > AFFINE_AGREEMENT_TOLERANCE_MM:
-        logger.warning(
-            "dicom2nifti affine for series %s differs from the DICOM geometry by %.3f mm; "
-            "building the volume directly",
-            series.series_instance_uid,
-            distance,
-        )
-        return None
-
-    data = np.asarray(canonical.dataobj, dtype=np.float32)
-    return nib.Nifti1Image(data, expected.affine)
-
-
 def _decode_and_place(
     series: CTSeries, decode: Callable[[], np.ndarray], affine: np.ndarray
 ) -> nib.Nifti1Image:
+    """Decode a ``(slices, Rows, Columns)`` volume and wrap it as a RAS+ image without copying it.
+
+    The transpose to ``(columns, rows, slices)`` and the flips of
+    :func:`nibabel.as_closest_canonical` are numpy views of the decoded array.
+    """
     try:
         volume = decode()
-    except Exception as error:  # pixel data handlers raise many exception types
+    except (ValueError, OSError, RuntimeError, NotImplementedError, AttributeError, KeyError) as error:
+        transfer_syntax = series.datasets[0].file_meta.get("TransferSyntaxUID", "<none>")
         raise ConversionError(
             f"Could not decode the pixel data of series {series.series_instance_uid or '<no UID>'} "
             f"({type(error).__name__}: {error}). Check that a decoder for transfer syntax "
-            f"{series.datasets[0].file_meta.TransferSyntaxUID} is installed (pylibjpeg plugins)."
+            f"{transfer_syntax} is installed (pylibjpeg plugins)."
         ) from error
-    image = nib.as_closest_canonical(nib.Nifti1Image(volume, affine))
-    return nib.Nifti1Image(np.asarray(image.dataobj, dtype=np.float32), image.affine)
+
+    image = nib.as_closest_canonical(nib.Nifti1Image(volume.transpose(2, 1, 0), affine))
+    result = nib.Nifti1Image(np.asarray(image.dataobj), image.affine)
+    result.header.set_data_dtype(volume.dtype)
+    return result
 
 
 def series_to_nifti(series: CTSeries) -> nib.Nifti1Image:
     """Convert a validated CT series to a RAS+ NIfTI image of Hounsfield units.
 
-    A series whose slice steps are not uniform (a missing slice, mixed spacing; see
-    :attr:`CTSeries.is_uniform`) is resampled here onto the regular grid of
-    :func:`regular_grid_positions` by linear interpolation along the slice normal; :func:`labels_to_source_frames` maps labels on that
-    grid back to each source slice by its own position. For a uniform series dicom2nifti
-    builds the volume first, and its result is used only when its shape and affine agree
-    with the geometry of ``series``. Otherwise, and for series with PixelPaddingValue, the
-    volume is decoded here and placed with :func:`native_affine_ras`. Either way the modality
-    LUT (RescaleSlope and RescaleIntercept) is applied once and padding pixels become air.
+    Each instance is decoded from its file straight into one preallocated volume (see
+    :func:`dicom_io.hu_volume.read_hu_volume`), placed with :func:`native_affine_ras`. A series
+    whose slice steps are not uniform (a missing slice, mixed spacing; see
+    :attr:`CTSeries.is_uniform`) is resampled instead onto the regular grid of
+    :func:`regular_grid_positions` by linear interpolation along the slice normal, and
+    :func:`labels_to_source_frames` maps labels on that grid back to each source slice by its
+    own position. Either way the modality LUT (RescaleSlope and RescaleIntercept) is applied
+    once and padding pixels (PixelPaddingValue) become air.
 
     Parameters
     ----------
@@ -252,39 +191,40 @@ def series_to_nifti(series: CTSeries) -> nib.Nifti1Image:
     Returns
     -------
     nibabel.Nifti1Image
-        RAS+ image (``nib.as_closest_canonical``) with float32 HU data and ``xyzt`` units of mm.
+        RAS+ image (``nib.as_closest_canonical``) with ``xyzt`` units of mm. Its data array is
+        int16 when every instance has an integral RescaleSlope and RescaleIntercept and the HU
+        fit int16 (the usual CT case), float32 otherwise (non-integral rescale, Modality LUT
+        Sequence, HU outside int16, or a resampled series); the header's data type says which.
+        The array is a non-contiguous view (transpose and flips) of the one decoded array, which
+        nothing else references.
 
     Raises
     ------
     ConversionError
-        When the pixel data of a slice cannot be decoded.
+        When the pixel data of a slice cannot be read or decoded.
     """
-    native_affine = native_affine_ras(series)
-    image = None
-    method = "dicom2nifti"
-    if not series.is_uniform:
+    if series.is_uniform:
+        method = "direct"
+        locations = _locations_of(series)
+        image = _decode_and_place(
+            series, lambda: read_hu_volume(series.files, series.datasets, locations), native_affine_ras(series)
+        )
+    else:
         method = "resampled"
         grid_positions = regular_grid_positions(series)
         image = _decode_and_place(
-            series, lambda: _resampled_volume_hu(series, grid_positions), _regular_affine_ras(series, grid_positions)
+            series,
+            lambda: _resampled_volume_hu(series, grid_positions),
+            _regular_affine_ras(series, grid_positions),
         )
-    elif any("PixelPaddingValue" in dataset for dataset in series.datasets):
-        # dicom2nifti 2.6 rescales padding pixels like tissue; decode here to map them to air.
-        method = "direct"
-    else:
-        image = _convert_with_dicom2nifti(series, native_affine)
-
-    if image is None:
-        method = "direct"
-        image = _decode_and_place(series, lambda: _native_volume_hu(series), native_affine)
 
     image.header.set_xyzt_units("mm")
-    image.header.set_data_dtype(np.float32)
     logger.info(
-        "Converted series %s to NIfTI with %s: shape %s, orientation %s",
+        "Converted series %s to NIfTI (%s): shape %s, %s, orientation %s",
         series.series_instance_uid or "<no SeriesInstanceUID>",
         method,
         image.shape,
+        image.get_data_dtype(),
         "".join(nib.aff2axcodes(image.affine)),
     )
     return image
@@ -296,7 +236,9 @@ def labels_to_source_frames(labels: np.ndarray, image: nib.Nifti1Image, series: 
     Each source pixel centre is mapped to RAS with its own instance's ImagePositionPatient,
     then to the nearest voxel of ``image``. When ``image`` came from
     :func:`series_to_nifti`, the two grids differ only by axis permutation and flips, so the
-    labels are reproduced exactly.
+    labels are reproduced exactly. When the rows, columns and slices of the series each run
+    along one voxel axis of ``image``, the frames are cut from the volume by slicing and one
+    transposing copy. Other grids, such as oblique ones, are sampled pixel by pixel.
 
     Parameters
     ----------
@@ -323,7 +265,7 @@ def labels_to_source_frames(labels: np.ndarray, image: nib.Nifti1Image, series: 
         raise ConversionError(
             f"Label volume shape {labels.shape} does not match the image shape {image.shape[:3]}."
         )
-    if labels.size and (labels.min() < 0 or labels.max() > 255):
+    if labels.size and labels.dtype not in (np.uint8, np.bool_) and (labels.min() < 0 or labels.max() > 255):
         raise ConversionError(
             f"Label values must lie in 0..255 to fit uint8 frames; found {labels.min()}..{labels.max()}."
         )
@@ -341,24 +283,16 @@ def labels_to_source_frames(labels: np.ndarray, image: nib.Nifti1Image, series: 
     in_plane_ras = np.diag([-1.0, -1.0, 1.0]) @ np.column_stack(
         (orientation[:3] * column_spacing, orientation[3:] * row_spacing)
     )
-    jj, ii = np.meshgrid(np.arange(rows, dtype=float), np.arange(columns, dtype=float), indexing="ij")
-    in_plane_voxels = np.tensordot(world_to_voxel[:3, :3] @ in_plane_ras, np.stack((ii, jj)), axes=1)
-    upper_bounds = np.asarray(labels.shape)[:, None, None]
+    in_plane_steps = world_to_voxel[:3, :3] @ in_plane_ras
+    origins_ras = np.array([dataset.ImagePositionPatient for dataset in series.datasets], dtype=float)
+    origins_ras *= np.array([-1.0, -1.0, 1.0])
+    origin_voxels = origins_ras @ world_to_voxel[:3, :3].T + world_to_voxel[:3, 3]
 
-    frames = np.zeros((len(series.datasets), rows, columns), dtype=np.uint8)
-    max_offset = 0.0
-    outside = 0
-    for k, dataset in enumerate(series.datasets):
-        origin_ras = np.asarray(dataset.ImagePositionPatient, dtype=float) * np.array([-1.0, -1.0, 1.0])
-        origin_voxel = world_to_voxel[:3, :3] @ origin_ras + world_to_voxel[:3, 3]
-        voxels = in_plane_voxels + origin_voxel[:, None, None]
-
-        nearest = np.rint(voxels)
-        max_offset = max(max_offset, float(np.abs(voxels - nearest).max()))
-        index = nearest.astype(np.int64)
-        inside = np.all((index >= 0) & (index < upper_bounds), axis=0)
-        outside += int((~inside).sum())
-        frames[k][inside] = labels[index[0][inside], index[1][inside], index[2][inside]]
+    axes = _aligned_voxel_axes(in_plane_steps, origin_voxels)
+    if axes is None:
+        frames, max_offset, outside = _sample_pixel_by_pixel(labels, in_plane_steps, origin_voxels, rows, columns)
+    else:
+        frames, max_offset, outside = _sample_axis_aligned(labels, in_plane_steps, origin_voxels, rows, columns, axes)
 
     if max_offset > GRID_MISMATCH_TOLERANCE_VOXELS:
         logger.warning(
@@ -374,3 +308,146 @@ def labels_to_source_frames(labels: np.ndarray, image: nib.Nifti1Image, series: 
             series.series_instance_uid,
         )
     return frames
+
+
+# Largest off-axis voxel step per source pixel, and largest in-plane drift of the slice origins,
+# in voxels, for which labels_to_source_frames treats the grids as axis-aligned. Over 512
+# pixels such an error moves a sampling point by at most about 5e-4 voxels.
+AXIS_ALIGNMENT_TOLERANCE_VOXELS = 1e-6
+
+
+def _aligned_voxel_axes(in_plane_steps: np.ndarray, origin_voxels: np.ndarray) -> tuple[int, int, int] | None:
+    """Find the voxel axes along which the columns, rows and slices of a series run.
+
+    Parameters
+    ----------
+    in_plane_steps: numpy.ndarray
+        ``(3, 2)`` voxel step of one source pixel along a row (column index) and along a column
+        (row index).
+    origin_voxels: numpy.ndarray
+        ``(instances, 3)`` voxel coordinates of each instance's first pixel.
+
+    Returns
+    -------
+    tuple[int, int, int] | None
+        The voxel axes of the column index, the row index and the instance index, or None when
+        a pixel step leaves its voxel axis or the slice origins shift within the plane.
+    """
+    column_axis = int(np.argmax(np.abs(in_plane_steps[:, 0])))
+    row_axis = int(np.argmax(np.abs(in_plane_steps[:, 1])))
+    if column_axis == row_axis:
+        return None
+    slice_axis = 3 - column_axis - row_axis
+
+    off_axis_steps = np.concatenate(
+        (np.delete(in_plane_steps[:, 0], column_axis), np.delete(in_plane_steps[:, 1], row_axis))
+    )
+    if np.abs(off_axis_steps).max() > AXIS_ALIGNMENT_TOLERANCE_VOXELS:
+        return None
+
+    in_plane_drift = np.ptp(origin_voxels[:, [column_axis, row_axis]], axis=0).max()
+    if in_plane_drift > AXIS_ALIGNMENT_TOLERANCE_VOXELS:
+        return None
+    return column_axis, row_axis, slice_axis
+
+
+def _sample_axis_aligned(
+    labels: np.ndarray,
+    in_plane_steps: np.ndarray,
+    origin_voxels: np.ndarray,
+    rows: int,
+    columns: int,
+    axes: tuple[int, int, int],
+) -> tuple[np.ndarray, float, int]:
+    """Cut the source frames from an axis-aligned label volume.
+
+    Each of the instance, row and column indices maps to the nearest index along one voxel
+    axis, so the frames are the volume indexed by three 1D index arrays. Index arrays with a
+    constant step become slices, so the usual case costs one transposing copy.
+
+    Returns
+    -------
+    tuple[numpy.ndarray, float, int]
+        The uint8 frames, the largest distance in voxels from a source pixel to its nearest
+        voxel centre, and the number of source pixels outside the volume.
+    """
+    column_axis, row_axis, slice_axis = axes
+    coordinates = (
+        origin_voxels[:, slice_axis],
+        origin_voxels[0, row_axis] + in_plane_steps[row_axis, 1] * np.arange(rows),
+        origin_voxels[0, column_axis] + in_plane_steps[column_axis, 0] * np.arange(columns),
+    )
+    sizes = (labels.shape[slice_axis], labels.shape[row_axis], labels.shape[column_axis])
+
+    selected = labels.transpose(slice_axis, row_axis, column_axis)
+    destination: list[slice | np.ndarray] = []
+    max_offset = 0.0
+    inside_count = 1
+    for axis, (values, size) in enumerate(zip(coordinates, sizes)):
+        nearest = np.rint(values)
+        max_offset = max(max_offset, float(np.abs(values - nearest).max(initial=0.0)))
+        index = nearest.astype(np.int64)
+        inside = (index >= 0) & (index < size)
+        inside_count *= int(inside.sum())
+        destination.append(_index_or_slice(np.flatnonzero(inside)))
+
+        source = _index_or_slice(index[inside])
+        if isinstance(source, slice):
+            selected = selected[(slice(None),) * axis + (source,)]
+        else:
+            selected = np.take(selected, source, axis=axis)
+
+    if inside_count == len(origin_voxels) * rows * columns:
+        frames = np.empty((len(origin_voxels), rows, columns), dtype=np.uint8)
+    else:
+        frames = np.zeros((len(origin_voxels), rows, columns), dtype=np.uint8)
+    if inside_count:
+        if all(isinstance(item, slice) for item in destination):
+            frames[tuple(destination)] = selected
+        else:
+            frames[np.ix_(*(np.arange(length)[item] for length, item in zip(frames.shape, destination)))] = selected
+    return frames, max_offset, frames.size - inside_count
+
+
+def _index_or_slice(indices: np.ndarray) -> slice | np.ndarray:
+    """Return a slice that selects the same elements as the 1D ``indices`` when their step is constant."""
+    if indices.size == 0:
+        return slice(0, 0)
+    if indices.size == 1:
+        return slice(int(indices[0]), int(indices[0]) + 1)
+    step = int(indices[1] - indices[0])
+    if step == 0 or np.any(np.diff(indices) != step):
+        return indices
+    start = int(indices[0])
+    stop = start + step * indices.size
+    return slice(start, stop if stop >= 0 else None, step)
+
+
+def _sample_pixel_by_pixel(
+    labels: np.ndarray,
+    in_plane_steps: np.ndarray,
+    origin_voxels: np.ndarray,
+    rows: int,
+    columns: int,
+) -> tuple[np.ndarray, float, int]:
+    """Sample the label volume at the nearest voxel of every source pixel, one instance at a time.
+
+    Returns the same triple as :func:`_sample_axis_aligned`, for any orientation of the grids.
+    """
+    jj, ii = np.meshgrid(np.arange(rows, dtype=float), np.arange(columns, dtype=float), indexing="ij")
+    in_plane_voxels = np.tensordot(in_plane_steps, np.stack((ii, jj)), axes=1)
+    upper_bounds = np.asarray(labels.shape)[:, None, None]
+
+    frames = np.zeros((len(origin_voxels), rows, columns), dtype=np.uint8)
+    max_offset = 0.0
+    outside = 0
+    for k, origin_voxel in enumerate(origin_voxels):
+        voxels = in_plane_voxels + origin_voxel[:, None, None]
+
+        nearest = np.rint(voxels)
+        max_offset = max(max_offset, float(np.abs(voxels - nearest).max()))
+        index = nearest.astype(np.int64)
+        inside = np.all((index >= 0) & (index < upper_bounds), axis=0)
+        outside += int((~inside).sum())
+        frames[k][inside] = labels[index[0][inside], index[1][inside], index[2][inside]]
+    return frames, max_offset, outside

@@ -8,12 +8,12 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
-import pydicom
 from pydicom.dataset import Dataset
 from pydicom.errors import InvalidDicomError
 from pydicom.uid import UID
 
 from dicom_io.errors import SeriesValidationError, UnsupportedSOPClassError
+from dicom_io.pixel_reader import PixelDataLocation, read_header
 
 logger = logging.getLogger(__name__)
 
@@ -61,11 +61,14 @@ class CTSeries:
     ----------
     datasets: list[pydicom.dataset.Dataset]
         The CT instances sorted by ascending position along the slice normal (the cross product
-        of the row and column direction cosines). Pixel data stay encoded until
-        ``pixel_array`` is accessed, so compressed transfer syntaxes decode on demand through
-        pydicom's pixel data handlers (pylibjpeg for JPEG, JPEG-LS and JPEG 2000).
+        of the row and column direction cosines). They hold the headers only: Pixel Data is
+        removed, so a series costs no pixel memory until :mod:`dicom_io.convert` decodes it from
+        ``files``. Read a file with :func:`pydicom.dcmread` to get an instance's ``pixel_array``.
     files: list[pathlib.Path]
         The file of each dataset, in the same order.
+    pixel_data_locations: list[PixelDataLocation | None]
+        Where the Pixel Data value of each dataset lies in its file, in the same order; None
+        where unknown, in which case the decoder lets pydicom find it.
     study_instance_uid: str
         Study Instance UID shared by the instances; empty when the files carry none.
     series_instance_uid: str
@@ -89,6 +92,7 @@ class CTSeries:
     slice_spacing_mm: float = 0.0
     slice_normal: np.ndarray = field(default_factory=lambda: np.array([0.0, 0.0, 1.0]))
     positions_mm: np.ndarray = field(default_factory=lambda: np.zeros(0))
+    pixel_data_locations: list[PixelDataLocation | None] = field(default_factory=list)
 
     @property
     def is_uniform(self) -> bool:
@@ -150,17 +154,23 @@ def sop_class_of(dataset: Dataset) -> str:
     return ""
 
 
-def _read_candidates(folder: Path) -> list[tuple[Path, Dataset]]:
-    """Read every DICOM file below ``folder``, skipping files that are not DICOM."""
+def _read_candidates(folder: Path) -> tuple[list[tuple[Path, Dataset]], dict[Path, PixelDataLocation | None]]:
+    """Read the header of every DICOM file below ``folder``, skipping files that are not DICOM.
+
+    Returns the ``(path, dataset)`` pairs and the Pixel Data location of each path (None for a
+    file without Pixel Data).
+    """
     candidates = []
+    locations: dict[Path, PixelDataLocation | None] = {}
     for path in sorted(p for p in folder.rglob("*") if p.is_file()):
         try:
-            dataset = pydicom.dcmread(path)
+            dataset, location = read_header(path)
         except (InvalidDicomError, EOFError, OSError, ValueError) as error:
             logger.info("Ignoring %s: not a readable DICOM file (%s)", path, error)
             continue
         candidates.append((path, dataset))
-    return candidates
+        locations[path] = location
+    return candidates, locations
 
 
 def _is_localizer(dataset: Dataset) -> bool:
@@ -171,7 +181,9 @@ def _is_localizer(dataset: Dataset) -> bool:
 
 
 def _select_ct_images(
-    candidates: list[tuple[Path, Dataset]], warnings: list[str]
+    candidates: list[tuple[Path, Dataset]],
+    locations: dict[Path, PixelDataLocation | None],
+    warnings: list[str],
 ) -> list[tuple[Path, Dataset]]:
     """Keep single-frame CT images; raise for Enhanced CT; log and drop everything else.
 
@@ -199,7 +211,7 @@ def _select_ct_images(
             logger.warning(message)
             warnings.append(message)
             continue
-        if "PixelData" not in dataset:
+        if locations.get(path) is None:
             raise SeriesValidationError(
                 f"{path} is a CT Image Storage instance without PixelData; the file is incomplete, "
                 "send the series again."
@@ -449,7 +461,8 @@ def load_series(
     logger.info("Loading CT series from %s", folder)
 
     warnings: list[str] = []
-    items = _select_ct_images(_read_candidates(folder), warnings)
+    candidates, locations = _read_candidates(folder)
+    items = _select_ct_images(candidates, locations, warnings)
     if not items:
         raise SeriesValidationError(f"{folder} contains no CT Image Storage instances.")
 
@@ -485,6 +498,7 @@ def load_series(
         slice_spacing_mm=spacing,
         slice_normal=normal,
         positions_mm=positions,
+        pixel_data_locations=[locations[path] for path, _ in items],
     )
     logger.info(
         "Loaded CT series %s (study %s): %d slices, %dx%d, slice spacing %.3f mm",

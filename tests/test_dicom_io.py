@@ -232,7 +232,8 @@ def test_series_to_nifti_matches_source_volume(tmp_path, affine):
     assert converted.shape == SYNTHETIC_SHAPE
     assert nib.aff2axcodes(converted.affine) == ("R", "A", "S")
     assert np.allclose(converted.affine, expected.affine, atol=1e-4)
-    assert converted.get_data_dtype() == np.float32
+    assert converted.get_data_dtype() == np.int16
+    assert np.asarray(converted.dataobj).dtype == np.int16
     assert np.array_equal(converted.get_fdata(dtype=np.float32), expected.get_fdata(dtype=np.float32))
 
 
@@ -243,7 +244,9 @@ def test_nifti_affine_matches_pixel_positions(synthetic_series_dir):
     volume = converted.get_fdata(dtype=np.float32)
     world_to_voxel = np.linalg.inv(converted.affine)
 
-    for dataset in (series.datasets[0], series.datasets[5], series.datasets[-1]):
+    for index in (0, 5, -1):
+        # series.datasets hold headers only; the pixel data are read from the file.
+        dataset = pydicom.dcmread(series.files[index])
         hu = dataset.pixel_array.astype(np.float32) * float(dataset.RescaleSlope) + float(dataset.RescaleIntercept)
         for row, column in ((0, 0), (7, 21), (31, 30)):
             voxel = world_to_voxel @ np.append(pixel_ras(dataset, row, column), 1.0)
