@@ -1,8 +1,11 @@
 """The node's C-STORE SCP: application entity, presentation contexts, timeouts and handlers.
 
-Each received instance is validated, written to the spool and recorded in the database
-before the SCP returns its C-STORE status, so an instance acknowledged with 0x0000 is
-always on disk and in the ``instances`` table.
+Each received instance is validated, checked against the instances already received, and
+written to the spool and fsynced before the SCP returns its C-STORE status, so an instance
+acknowledged with 0x0000 is always on disk. Its ``instances`` row and ``received`` audit
+event are committed in batches by :class:`node.ingest_recorder.IngestRecorder`. The SCP
+sends its A-RELEASE response only after the rows of the association's instances are
+committed, and at start it records every spool file that a crash left without a row.
 
 C-STORE statuses returned (PS3.4 Annex B.2.3):
 
@@ -13,7 +16,8 @@ C-STORE statuses returned (PS3.4 Annex B.2.3):
   PixelSpacing (or has the wrong number of values), Modality of a CT instance is not CT, or
   SOPInstanceUID differs from the Affected SOP Instance UID of the request.
 - ``0xC000`` Failure, "Cannot understand": the data set cannot be decoded.
-- ``0xA700`` Refused, "Out of resources": the spool or the database cannot be written.
+- ``0xA700`` Refused, "Out of resources": the spool cannot be written or the database
+  cannot be read.
 
 A rejected instance does not end the association; the next C-STORE is handled as usual.
 An association aborted by the peer or the network is logged and audited with the number of
@@ -26,6 +30,7 @@ those series with an audited reason (see :mod:`node.selection`).
 
 from __future__ import annotations
 
+import hashlib
 import logging
 import threading
 from dataclasses import dataclass, field
@@ -35,6 +40,7 @@ from pydicom.dataset import Dataset
 from pydicom.pixels import get_decoder
 from pynetdicom import AE, evt
 from pynetdicom.events import Event
+from pynetdicom.pdu_primitives import A_RELEASE
 from pynetdicom.sop_class import (  # type: ignore[attr-defined]
     ComprehensiveSRStorage,
     CTImageStorage,
@@ -45,15 +51,15 @@ from pynetdicom.sop_class import (  # type: ignore[attr-defined]
     XRayRadiationDoseSRStorage,
 )
 from pynetdicom.transport import ThreadedAssociationServer
-from sqlalchemy import Engine, select
+from sqlalchemy import Engine, text
 from sqlalchemy.exc import SQLAlchemyError
-from sqlalchemy.orm import Session
 
-from node.audit import add_audit_event, record_audit_event
+from node.audit import record_audit_event
 from node.config import Settings
-from node.db import session_scope
-from node.models import AuditKind, Instance, Series, SeriesState, Study, utc_now
-from node.spool import Spool, is_valid_uid, sha256_hex
+from node.file_meta import encode_file_header
+from node.ingest_recorder import InstanceRecord, IngestRecorder, reconcile_spool
+from node.models import AuditKind, Instance, utc_now
+from node.spool import Spool, is_valid_uid
 
 logger = logging.getLogger(__name__)
 
@@ -107,6 +113,18 @@ REQUIRED_MODALITY = "CT"
 REJECT_RESULT_PERMANENT = 0x01
 REJECT_SOURCE_SERVICE_USER = 0x01
 REJECT_CALLING_AE_NOT_RECOGNISED = 0x03
+
+#: Lookup of an already received instance by SOP Instance UID, run for every C-STORE. A
+#: textual statement costs about a third of the equivalent ``select()`` (50 against 150
+#: microseconds per call on SQLite, measured with timeit on a 2-core VM).
+EXISTING_INSTANCE_QUERY = text(
+    f"SELECT {Instance.sha256.key}, {Instance.spool_path.key} FROM {Instance.__tablename__} "
+    f"WHERE {Instance.sop_instance_uid.key} = :sop_uid"
+)
+
+#: Seconds a released or aborted association waits for the rows of its instances to be
+#: committed; longer waits happen only while the database is unreachable.
+ASSOCIATION_FLUSH_TIMEOUT_S = 10.0
 
 
 def supported_transfer_syntaxes() -> list[str]:
@@ -195,6 +213,7 @@ class StorageSCP:
         # study or series row at once within this process.
         self._store_lock = threading.Lock()
         self._tallies: dict[int, _AssociationTally] = {}
+        self.recorder = IngestRecorder(engine)
 
     @property
     def port(self) -> int:
@@ -204,16 +223,21 @@ class StorageSCP:
         return int(self._server.server_address[1])
 
     def start(self) -> None:
-        """Start listening in background threads and return.
+        """Record spool files left without a database row, then listen in background threads.
 
         Raises
         ------
         OSError
             When the address cannot be bound, for example because the port is in use.
+        sqlalchemy.exc.SQLAlchemyError
+            When the database cannot be read or written while recording left-over files.
         """
         scp = self.settings.scp
+        reconcile_spool(self.engine, self.spool, utc_now())
+        self.recorder.start()
         handlers = [
             (evt.EVT_REQUESTED, self._handle_requested),
+            (evt.EVT_ACSE_RECV, self._handle_acse_received),
             (evt.EVT_C_STORE, self._handle_store),
             (evt.EVT_C_ECHO, self._handle_echo),
             (evt.EVT_ACCEPTED, self._handle_accepted),
@@ -226,6 +250,7 @@ class StorageSCP:
                 (scp.host, scp.port), block=False, evt_handlers=handlers
             )
         except OSError as error:
+            self.recorder.stop()
             logger.error("SCP %s cannot listen on %s:%d: %s", scp.ae_title, scp.host, scp.port, error)
             raise OSError(
                 error.errno,
@@ -241,11 +266,12 @@ class StorageSCP:
         )
 
     def stop(self) -> None:
-        """Stop listening and close open associations."""
+        """Stop listening, close open associations and commit the waiting database rows."""
         if self._server is None:
             return
         self._server.shutdown()
         self._server = None
+        self.recorder.stop()
         logger.info("SCP %s stopped", self.settings.scp.ae_title)
 
     def _build_ae(self) -> AE:
@@ -339,6 +365,27 @@ class StorageSCP:
             requestor.port,
         )
 
+    def _handle_acse_received(self, event: Event) -> None:
+        # pynetdicom sends the A-RELEASE response after this handler returns, so the peer sees
+        # the release only once every instance it sent on the association has its row.
+        primitive = event.primitive  # type: ignore[attr-defined]
+        if isinstance(primitive, A_RELEASE) and primitive.result is None:
+            self._flush_recorder(event)
+
+    def _flush_recorder(self, event: Event) -> None:
+        if self.recorder.flush(ASSOCIATION_FLUSH_TIMEOUT_S):
+            return
+        requestor = event.assoc.requestor
+        logger.error(
+            "Rows of the instances from calling AE %s at %s:%s were not committed within %g s; "
+            "the recorder keeps retrying, and the spool files are recorded at the next start "
+            "otherwise",
+            requestor.ae_title,
+            requestor.address,
+            requestor.port,
+            ASSOCIATION_FLUSH_TIMEOUT_S,
+        )
+
     def _handle_released(self, event: Event) -> None:
         requestor = event.assoc.requestor
         self._tallies.pop(id(event.assoc), None)
@@ -351,6 +398,7 @@ class StorageSCP:
 
     def _handle_aborted(self, event: Event) -> None:
         requestor = event.assoc.requestor
+        self._flush_recorder(event)
         tally = self._tallies.pop(id(event.assoc), _AssociationTally())
         series = ", ".join(sorted(tally.series_uids)) or "none"
         message = (
@@ -449,13 +497,14 @@ class StorageSCP:
             )
             return STATUS_DATASET_DOES_NOT_MATCH_SOP_CLASS, attributes.series_uid
 
-        encoded = event.encoded_dataset()
         transfer_syntax_uid = str(event.context.transfer_syntax)
+        request_sop_class_uid = str(event.request.AffectedSOPClassUID or attributes.sop_class_uid)
+        header = encode_file_header(request_sop_class_uid, attributes.sop_uid, transfer_syntax_uid)
 
         try:
-            with self._store_lock, session_scope(self.engine) as session:
+            with self._store_lock:
                 self._spool_and_record(
-                    session, attributes, encoded, transfer_syntax_uid, calling_ae
+                    event, attributes, header, transfer_syntax_uid, calling_ae
                 )
         except (OSError, SQLAlchemyError) as error:
             logger.error(
@@ -482,74 +531,91 @@ class StorageSCP:
 
     def _spool_and_record(
         self,
-        session: Session,
+        event: Event,
         attributes: _InstanceAttributes,
-        encoded: bytes,
+        header: bytes,
         transfer_syntax_uid: str,
         calling_ae: str,
     ) -> None:
-        digest = sha256_hex(encoded)
-        uids = {
-            "study_uid": attributes.study_uid,
-            "series_uid": attributes.series_uid,
-            "sop_uid": attributes.sop_uid,
-        }
+        """Spool one validated instance and hand its record to the recorder.
 
-        existing = session.scalar(
-            select(Instance).where(Instance.sop_instance_uid == attributes.sop_uid)
-        )
-        if existing is not None and existing.sha256 == digest:
-            add_audit_event(
-                session,
-                AuditKind.DUPLICATE,
-                calling_ae_title=calling_ae,
-                message=f"identical resend of {existing.spool_path}; kept one copy",
-                **uids,
-            )
-            logger.info(
-                "SOP instance %s received again with identical content; kept one copy",
-                attributes.sop_uid,
-            )
-            return
-        if existing is not None:
-            version_path = self.spool.store_conflict_version(
-                attributes.study_uid, attributes.series_uid, attributes.sop_uid, encoded
-            )
-            message = (
-                f"SOP Instance UID already stored at {existing.spool_path} "
-                f"(SHA-256 {existing.sha256}) with different content; the new copy "
-                f"(SHA-256 {digest}) is kept at {version_path} and not analysed"
-            )
-            add_audit_event(
-                session, AuditKind.CONFLICT, calling_ae_title=calling_ae, message=message, **uids
-            )
-            logger.warning("SOP instance %s: %s", attributes.sop_uid, message)
-            return
+        A resend with identical bytes is audited as a duplicate and not written again; one
+        with different bytes is kept under ``conflicts/`` and audited. Both audit events
+        are committed before the C-STORE response, as before batching.
 
-        path = self.spool.store(
-            attributes.study_uid, attributes.series_uid, attributes.sop_uid, encoded
-        )
-        now = utc_now()
-        series = _upsert_study_and_series(session, attributes, calling_ae, now)
-        session.add(
-            Instance(
-                series=series,
-                sop_instance_uid=attributes.sop_uid,
+        Raises
+        ------
+        OSError
+            When the spool file cannot be written.
+        sqlalchemy.exc.SQLAlchemyError
+            When the database cannot be read, so the instance cannot be checked for a
+            duplicate.
+        """
+        # The received data set is written as it arrived, without a copy of its bytes.
+        with event.request.DataSet.getbuffer() as body:  # type: ignore[union-attr]
+            digest_state = hashlib.sha256(header)
+            digest_state.update(body)
+            digest = digest_state.hexdigest()
+            size_bytes = len(header) + len(body)
+            uids = {
+                "study_uid": attributes.study_uid,
+                "series_uid": attributes.series_uid,
+                "sop_uid": attributes.sop_uid,
+            }
+
+            existing = self._find_existing(attributes.sop_uid)
+            if existing is not None and existing[0] == digest:
+                record_audit_event(
+                    self.engine,
+                    AuditKind.DUPLICATE,
+                    calling_ae_title=calling_ae,
+                    message=f"identical resend of {existing[1]}; kept one copy",
+                    **uids,
+                )
+                logger.info(
+                    "SOP instance %s received again with identical content; kept one copy",
+                    attributes.sop_uid,
+                )
+                return
+            if existing is not None:
+                version_path = self.spool.store_conflict_version(
+                    attributes.study_uid, attributes.series_uid, attributes.sop_uid,
+                    header + bytes(body),
+                )
+                message = (
+                    f"SOP Instance UID already stored at {existing[1]} "
+                    f"(SHA-256 {existing[0]}) with different content; the new copy "
+                    f"(SHA-256 {digest}) is kept at {version_path} and not analysed"
+                )
+                record_audit_event(
+                    self.engine, AuditKind.CONFLICT, calling_ae_title=calling_ae, message=message, **uids
+                )
+                logger.warning("SOP instance %s: %s", attributes.sop_uid, message)
+                return
+
+            path = self.spool.store_received(
+                attributes.study_uid, attributes.series_uid, attributes.sop_uid, (header, body), digest
+            )
+
+        self.recorder.submit(
+            InstanceRecord(
+                study_uid=attributes.study_uid,
+                series_uid=attributes.series_uid,
+                sop_uid=attributes.sop_uid,
                 sop_class_uid=attributes.sop_class_uid,
+                modality=attributes.modality,
+                patient_id=attributes.patient_id,
+                accession_number=attributes.accession_number,
+                study_date=attributes.study_date,
+                series_description=attributes.series_description,
                 transfer_syntax_uid=transfer_syntax_uid,
                 spool_path=str(path),
                 sha256=digest,
-                size_bytes=len(encoded),
+                size_bytes=size_bytes,
                 calling_ae_title=calling_ae,
-                received_at=now,
+                received_at=utc_now(),
+                audit_message=f"stored at {path} ({size_bytes} bytes, {transfer_syntax_uid})",
             )
-        )
-        add_audit_event(
-            session,
-            AuditKind.RECEIVED,
-            calling_ae_title=calling_ae,
-            message=f"stored at {path} ({len(encoded)} bytes, {transfer_syntax_uid})",
-            **uids,
         )
         logger.debug(
             "Stored SOP instance %s of series %s from %s",
@@ -557,6 +623,19 @@ class StorageSCP:
             attributes.series_uid,
             calling_ae,
         )
+
+    def _find_existing(self, sop_uid: str) -> tuple[str, str] | None:
+        """Return ``(sha256, spool_path)`` of an already received instance, or None.
+
+        Records waiting in the recorder count as received. Raises SQLAlchemyError when the
+        database cannot be read.
+        """
+        pending = self.recorder.pending_record(sop_uid)
+        if pending is not None:
+            return pending.sha256, pending.spool_path
+        with self.engine.connect() as connection:
+            row = connection.execute(EXISTING_INSTANCE_QUERY, {"sop_uid": sop_uid}).first()
+        return None if row is None else (row[0], row[1])
 
     def _audit_rejection(
         self,
@@ -651,67 +730,6 @@ def _validate_attributes(attributes: _InstanceAttributes, affected_sop_uid: str)
             f"{affected_sop_uid} of the C-STORE request"
         )
     return None
-
-
-def _upsert_study_and_series(
-    session: Session, attributes: _InstanceAttributes, calling_ae: str, now: object
-) -> Series:
-    study = session.scalar(
-        select(Study).where(Study.study_instance_uid == attributes.study_uid)
-    )
-    if study is None:
-        study = Study(
-            study_instance_uid=attributes.study_uid,
-            patient_id=attributes.patient_id,
-            accession_number=attributes.accession_number,
-            study_date=attributes.study_date,
-            first_received_at=now,
-            last_received_at=now,
-        )
-        session.add(study)
-    else:
-        study.last_received_at = now  # type: ignore[assignment]
-
-    series = session.scalar(
-        select(Series).where(Series.series_instance_uid == attributes.series_uid)
-    )
-    if series is None:
-        series = Series(
-            study=study,
-            series_instance_uid=attributes.series_uid,
-            modality=attributes.modality,
-            series_description=attributes.series_description,
-            instance_count=0,
-            state=SeriesState.RECEIVING,
-            calling_ae_title=calling_ae,
-            first_received_at=now,
-        )
-        session.add(series)
-    elif series.state != SeriesState.RECEIVING:
-        # A new instance changes the series, so it is analysed again after the quiet time.
-        add_audit_event(
-            session,
-            AuditKind.LATE_INSTANCE,
-            study_uid=attributes.study_uid,
-            series_uid=attributes.series_uid,
-            sop_uid=attributes.sop_uid,
-            calling_ae_title=calling_ae,
-            message=f"instance arrived while the series was {series.state}; "
-            "the series is receiving again and will be analysed again",
-        )
-        logger.warning(
-            "Series %s received SOP instance %s while %s; receiving again",
-            attributes.series_uid,
-            attributes.sop_uid,
-            series.state,
-        )
-        series.state = SeriesState.RECEIVING
-        series.completed_at = None
-
-    series.instance_count = (series.instance_count or 0) + 1
-    series.last_received_at = now  # type: ignore[assignment]
-    series.calling_ae_title = calling_ae
-    return series
 
 
 def _fit_uid(value: str | None) -> str | None:
