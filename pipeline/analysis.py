@@ -181,7 +181,9 @@ def _segment_liver(
         hu, spacing, threshold_hu=settings.body_threshold_hu, margin_mm=settings.body_margin_mm
     )
     cropped = hu[box]
-    network_input = preprocessing.liver_network_input(cropped, spacing, model.voxel_size_mm)
+    network_input = preprocessing.liver_network_input(
+        cropped, spacing, model.voxel_size_mm, workers=settings.torch_threads
+    )
     logger.info(
         "Liver network input %s voxels of %s mm from a body crop of %s voxels",
         network_input.shape, model.voxel_size_mm, cropped.shape,

@@ -12,6 +12,9 @@ from pipeline.postprocessing import TUMOR_COMPONENT_STRUCTURE
 
 MM3_PER_ML = 1000.0
 
+#: Voxels counted per call of numpy.bincount (8 bytes each in its working copy).
+COUNT_CHUNK_VOXELS = 8 * 2**20
+
 
 @dataclass(frozen=True)
 class Measurements:
@@ -64,7 +67,11 @@ def measure(labels: np.ndarray, affine: np.ndarray) -> Measurements:
         Volumes rounded to 0.01 mL and burden to 0.01 %.
     """
     voxel_volume = float(abs(np.linalg.det(np.asarray(affine, dtype=np.float64)[:3, :3])))
-    counts = np.bincount(np.asarray(labels, dtype=np.uint8).ravel(), minlength=max(LIVER_LABEL, TUMOR_LABEL) + 1)
+    # bincount works on intp copies of its input: counting in chunks bounds that copy.
+    flat = np.asarray(labels, dtype=np.uint8).reshape(-1)
+    counts = np.zeros(256, dtype=np.int64)
+    for start in range(0, flat.size, COUNT_CHUNK_VOXELS):
+        counts += np.bincount(flat[start : start + COUNT_CHUNK_VOXELS], minlength=256)
     liver_voxels = int(counts[LIVER_LABEL])
     tumor_voxels = int(counts[TUMOR_LABEL])
     tumor_count = 0

@@ -78,7 +78,7 @@ def _interpolate_axis(volume: np.ndarray, axis: int, target_length: int, indices
     out_shape[axis] = len(indices)
     out = np.empty(out_shape, dtype=np.float32)
 
-    chunk_axis = 2 if axis != 2 else 0
+    chunk_axis = 0 if axis != 0 else 1
     per_plane = max(1, int(np.prod(out_shape)) // max(1, out_shape[chunk_axis]))
     step = max(1, CHUNK_VOXELS // per_plane)
     shape = [1, 1, 1]
@@ -147,11 +147,18 @@ def resize_volume(
     wanted = [
         np.arange(n) if region is None else np.arange(n)[region[axis]] for axis, n in enumerate(target)
     ]
+
+    # Work on the axes in memory order (largest stride first), so that whole planes or rows are
+    # read at a time whatever the view's transposes and flips.
+    memory_order = [int(axis) for axis in np.argsort([-abs(stride) for stride in volume.strides], kind="stable")]
+    result: np.ndarray = volume.transpose(memory_order)
+    target_in_order = [target[axis] for axis in memory_order]
+    wanted_in_order = [wanted[axis] for axis in memory_order]
+
     # Axes that shrink the most go first, so the intermediate arrays stay small.
-    order = sorted(range(3), key=lambda axis: len(wanted[axis]) / volume.shape[axis])
-    result: np.ndarray = volume
-    for axis in order:
-        if result.shape[axis] == target[axis] and len(wanted[axis]) == target[axis]:
+    steps = sorted(range(3), key=lambda axis: len(wanted_in_order[axis]) / result.shape[axis])
+    for axis in steps:
+        if result.shape[axis] == target_in_order[axis] and len(wanted_in_order[axis]) == target_in_order[axis]:
             continue
-        result = _interpolate_axis(result, axis, target[axis], wanted[axis])
-    return np.ascontiguousarray(result, dtype=np.float32)
+        result = _interpolate_axis(result, axis, target_in_order[axis], wanted_in_order[axis])
+    return np.ascontiguousarray(result.transpose(np.argsort(memory_order)), dtype=np.float32)

@@ -293,3 +293,13 @@ def test_to_ras_keeps_int16_data_without_a_copy() -> None:
 
     assert ras.dtype == np.int16
     assert np.shares_memory(ras, data)
+
+
+def test_median_filter_in_slabs_equals_one_scipy_call() -> None:
+    from scipy import ndimage
+
+    from pipeline.preprocessing import median_filter
+
+    volume = np.random.default_rng(5).normal(size=(23, 17, 11)).astype(np.float32)
+
+    assert np.array_equal(median_filter(volume, 3, workers=3), ndimage.median_filter(volume, size=3))
