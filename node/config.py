@@ -270,10 +270,11 @@ class AnalysisSettings:
     keep_empty_frames : bool
         Whether the DICOM SEG keeps frames without any segmented voxel; default true.
     precision : str
-        Arithmetic of the networks' convolutions: ``"float32"``, ``"bfloat16"`` (CPU autocast)
-        or ``"auto"`` (default), which picks bfloat16 where the CPU computes it natively
-        (AVX512-BF16 or AMX) and float32 elsewhere. On a real abdominal CT, bfloat16 changed
-        liver Dice against reference labels from 0.9631 to 0.9630.
+        Arithmetic of the networks: ``"float32"``, ``"bfloat16"`` (bfloat16 copies of the
+        networks) or ``"auto"`` (default), which picks bfloat16 where the CPU computes it
+        natively (AVX512-BF16 or AMX) and float32 elsewhere. On a real abdominal CT, bfloat16
+        changed liver Dice against reference labels from 0.9631 to 0.9630 and took the
+        analysis from 29.7 s to 16.5 s on 2 cores.
     min_analysable_coverage_mm : float
         Cranio-caudal coverage below which a series is reported "not analysable" (an SR with
         the reason, no SEG and no volumes) instead of being segmented, in mm; default

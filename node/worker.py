@@ -252,6 +252,8 @@ class Worker:
         return self._deliver(job_id)
 
     def _run(self) -> None:
+        if self.analyse is _default_analysis:
+            self._preload_models()
         while not self._stop.is_set():
             try:
                 job_id = self.run_once()
@@ -260,6 +262,22 @@ class Worker:
                 job_id = None
             if job_id is None:
                 self.queue.wait(self.settings.worker.poll_interval_s)
+
+    def _preload_models(self) -> None:
+        """Load the networks before the first job, so its latency does not include loading them."""
+        from node.analysis import load_models, use_bfloat16
+        from pipeline.inference import bfloat16_module
+
+        started = time.perf_counter()
+        try:
+            models = load_models(self.settings)
+            if use_bfloat16(self.settings.analysis.precision):
+                for model in models:
+                    bfloat16_module(model.module)
+        except Exception as error:  # noqa: BLE001 - the first job loads them again and reports
+            logger.warning("Worker %s: loading the networks at start failed: %s", self.name, error)
+            return
+        logger.info("Worker %s: networks loaded in %.1f s", self.name, time.perf_counter() - started)
 
     # Analysis ---------------------------------------------------------------------------
 

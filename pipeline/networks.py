@@ -40,14 +40,19 @@ INSTANCE_NORM_EPSILON = 1e-7
 #: Negative slope of the leaky ReLU activations (Keras ``LeakyReLU(alpha=0.01)``).
 LEAKY_RELU_SLOPE = 0.01
 
-#: Number of voxels per float32 partial sum in instance normalisation; the partial sums are
-#: added in float64.
+#: Number of voxels per partial sum in instance normalisation, in the tensor's dtype (PyTorch
+#: accumulates bfloat16 sums in float32 and rounds the result); the partial sums are added in
+#: float64.
 _SUM_BLOCK = 1024
 
 #: Channels of the upsampled tensor built, normalised and convolved at a time on the expanding
 #: path. The first convolution of the liver network's finest expanding block then keeps about
-#: 1.7 GiB instead of 3.5 GiB for the default tile.
+#: 1.7 GiB instead of 3.5 GiB for the default tile in float32.
 UPSAMPLE_GROUP_CHANNELS = 10
+
+#: The same for bfloat16 tensors: the liver tile took 4.4 s instead of 5.0 s with about 2 %
+#: more peak memory (902 MiB) than with groups of 10.
+UPSAMPLE_GROUP_CHANNELS_BFLOAT16 = 40
 
 #: How far :meth:`UNet3D.input_size_for` searches above the requested output length.
 _MAX_SIZE_MARGIN = 4096
@@ -646,8 +651,9 @@ class UNet3D(nn.Module):
         skip_channels = skip_holder[0].shape[1]
         yield 0, skip_holder.pop()
         channels = coarse.shape[1]
-        for start in range(0, channels, UPSAMPLE_GROUP_CHANNELS):
-            stop = min(channels, start + UPSAMPLE_GROUP_CHANNELS)
+        step = UPSAMPLE_GROUP_CHANNELS_BFLOAT16 if coarse.dtype == torch.bfloat16 else UPSAMPLE_GROUP_CHANNELS
+        for start in range(0, channels, step):
+            stop = min(channels, start + step)
             group = coarse[:, start:stop].contiguous(memory_format=torch.channels_last_3d)
             yield skip_channels + start, self._upsample(group, ratio).contiguous(
                 memory_format=torch.channels_last_3d
