@@ -93,7 +93,7 @@ def load_models(settings: Settings) -> tuple[ModelHandle, ModelHandle]:
 
 
 def use_bfloat16(precision: str) -> bool:
-    """Return whether the networks run under bfloat16 autocast for ``analysis.precision``."""
+    """Return whether the networks run as bfloat16 copies for ``analysis.precision``."""
     if precision == "auto":
         return bfloat16_supported()
     return precision == "bfloat16"
