@@ -64,6 +64,22 @@ SR_SOP_CLASS = "1.2.840.10008.5.1.4.1.1.88.34"
 #: Quiet time after which the node considers a series complete, in s (part of the latency).
 QUIET_TIME_S = 1.0
 RESULT_TIMEOUT_S = 1800.0
+#: How the figures were taken; printed under Notes in every report.
+METHOD_NOTES = [
+    "The node answers each C-STORE only after the instance is written and fsync'ed; storescp does "
+    "not fsync. The bare pynetdicom SCP (`bench/bare_scp.py`) only writes the received "
+    "bytes, with and without fsync, so it shows the floor of a Python receiver on this disk.",
+    "The node runs the networks in bfloat16 where the CPU has AVX512-BF16 or AMX (`analysis.precision = "
+    "\"auto\"`); the comparison with the original Keras networks runs ours in float32.",
+    "The node omits empty SEG frames by default (`analysis.keep_empty_frames = false`), as "
+    "itkimage2segimage does; both modes are timed.",
+    "Each end-to-end node is started and has loaded its networks before the series is sent.",
+]
+
+#: Label of the liver in TotalSegmentator's ``example_seg.nii.gz``.
+TOTALSEG_LIVER_LABEL = 5
+#: Runs of each SEG encoder; the table shows the medians.
+SEG_RUNS = 3
 STAGES = ("conversion", "preprocessing", "liver_inference", "tumor_inference", "postprocessing",
           "measurements", "seg_encode", "sr_encode")
 #: DCMTK disables Nagle's algorithm only when asked: without it storescu and storescp stall
@@ -226,6 +242,17 @@ class NodeProcess:
             env={**os.environ, "PYTHONUNBUFFERED": "1"},
         )
         self._wait_for_echo()
+        self._wait_for_models()
+
+    def _wait_for_models(self, deadline_s: float = 120.0) -> None:
+        """Wait until the worker has loaded the networks, which it does once at start."""
+        stop_at = time.monotonic() + deadline_s
+        while time.monotonic() < stop_at:
+            log = self.log_path.read_text(encoding="utf-8", errors="replace")
+            if "networks loaded" in log or "loading the networks at start failed" in log:
+                return
+            time.sleep(0.2)
+        logger.warning("livernode serve did not report its networks loaded within %.0f s", deadline_s)
 
     def _wait_for_echo(self, deadline_s: float = 120.0) -> None:
         from pynetdicom import AE
@@ -385,10 +412,31 @@ def _self_peak_rss_mb() -> float:
 # Side-by-side comparisons -----------------------------------------------------------------------
 
 
+def _bare_scp(folder: Path, slices: int, target: Path, fsync: bool) -> dict[str, Any]:
+    """Send the series to :mod:`bench.bare_scp` and return the sender's timing."""
+    port = free_port()
+    command = [sys.executable, "-m", "bench.bare_scp", str(port), str(target)] + (["--fsync"] if fsync else [])
+    process = subprocess.Popen(command, cwd=REPO_ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    try:
+        deadline = time.monotonic() + 30.0
+        while time.monotonic() < deadline:
+            with socket.socket() as probe:
+                if probe.connect_ex(("127.0.0.1", port)) == 0:
+                    break
+            time.sleep(0.1)
+        sent = storescu(folder, port, "BARESCP")
+        sent["receiver_peak_rss_mb"] = float("nan")
+        return sent
+    finally:
+        process.kill()
+        process.wait()
+        shutil.rmtree(target, ignore_errors=True)
+
+
 def ingest(cache: Path, work: Path, weights: Path, slices: int, runs: int) -> dict[str, Any]:
-    """Instances per second of storescp, the node, and the node with TCP_NODELAY, same sender."""
+    """Instances per second of storescp, a bare pynetdicom SCP (with and without fsync) and the node."""
     folder = series_folder(cache, slices)
-    results: dict[str, list[dict[str, Any]]] = {"storescp": [], "node": [], "node_nodelay": []}
+    results: dict[str, list[dict[str, Any]]] = {"storescp": [], "bare": [], "bare_fsync": [], "node": []}
     for run in range(runs):
         target = work / f"storescp-{slices}-{run}"
         target.mkdir(parents=True, exist_ok=True)
@@ -403,18 +451,20 @@ def ingest(cache: Path, work: Path, weights: Path, slices: int, runs: int) -> di
         results["storescp"].append(sent)
         shutil.rmtree(target, ignore_errors=True)
 
-        for variant, nodelay in (("node", False), ("node_nodelay", True)):
-            # Destination port 9 is never called: no analysis runs within the quiet time.
-            node = NodeProcess(work / f"ingest-{variant}-{slices}-{run}", 9, weights, nodelay=nodelay)
-            try:
-                sent = storescu(folder, node.port, NODE_AE_TITLE)
-                sent["receiver_peak_rss_mb"] = node.peak_rss_mb()
-            finally:
-                node.process.send_signal(signal.SIGKILL)
-                node.process.wait()
-                node._log.close()
-            results[variant].append(sent)
-            shutil.rmtree(node.work, ignore_errors=True)
+        results["bare"].append(_bare_scp(folder, slices, work / f"bare-{slices}-{run}", fsync=False))
+        results["bare_fsync"].append(_bare_scp(folder, slices, work / f"bare-fsync-{slices}-{run}", fsync=True))
+
+        # Destination port 9 is never called: no analysis runs within the quiet time.
+        node = NodeProcess(work / f"ingest-node-{slices}-{run}", 9, weights)
+        try:
+            sent = storescu(folder, node.port, NODE_AE_TITLE)
+            sent["receiver_peak_rss_mb"] = node.peak_rss_mb()
+        finally:
+            node.process.send_signal(signal.SIGKILL)
+            node.process.wait()
+            node._log.close()
+        results["node"].append(sent)
+        shutil.rmtree(node.work, ignore_errors=True)
     summary = {}
     for name, items in results.items():
         seconds = statistics.median(item["seconds"] for item in items)
@@ -465,22 +515,32 @@ DCMQI_METADATA = {
 
 
 def seg_encoding(cache: Path, work: Path, slices: int, mask_path: Path, dcmqi_bin: Path) -> dict[str, Any]:
-    """Seconds to encode the same label mask as SEG: ours (highdicom) against itkimage2segimage."""
+    """Seconds to encode the same label mask as SEG: ours (highdicom) against itkimage2segimage.
+
+    Ours runs twice, keeping empty frames (the node's default) and omitting them, as dcmqi does.
+    """
     folder = series_folder(cache, slices)
-    script = (
-        "import time, json, pathlib, nibabel as nib, numpy as np\n"
-        "from dicom_io.series import load_series; from dicom_io.convert import series_to_nifti, labels_to_source_frames\n"
-        "from dicom_io.seg_writer import write_seg\n"
-        f"series = load_series(pathlib.Path({str(folder)!r})); image = series_to_nifti(series)\n"
-        f"labels = np.asarray(nib.load({str(mask_path)!r}).dataobj, dtype=np.uint8)\n"
-        "t = time.perf_counter(); frames = labels_to_source_frames(labels, image, series)\n"
-        f"write_seg(series, frames, pathlib.Path({str(work / 'ours-seg.dcm')!r}), algorithm_name='Liver Node', algorithm_version='bench')\n"
-        "print(json.dumps({'seconds': time.perf_counter() - t}))\n"
-    )
-    inner = subprocess.run([sys.executable, "-c", script], cwd=REPO_ROOT, capture_output=True, text=True, check=True)
-    ours = json.loads(inner.stdout.strip().splitlines()[-1])["seconds"]
-    result: dict[str, Any] = {"slices": slices, "ours_s": ours,
-                              "ours_size_mb": (work / "ours-seg.dcm").stat().st_size / 2**20}
+    result: dict[str, Any] = {"slices": slices}
+    for keep in (True, False):
+        output = work / f"ours-seg-{'keep' if keep else 'omit'}.dcm"
+        script = (
+            "import time, json, pathlib, nibabel as nib, numpy as np\n"
+            "from dicom_io.series import load_series; from dicom_io.convert import series_to_nifti, labels_to_source_frames\n"
+            "from dicom_io.seg_writer import write_seg\n"
+            f"series = load_series(pathlib.Path({str(folder)!r})); image = series_to_nifti(series)\n"
+            f"labels = np.asarray(nib.load({str(mask_path)!r}).dataobj, dtype=np.uint8)\n"
+            "t = time.perf_counter(); frames = labels_to_source_frames(labels, image, series)\n"
+            f"write_seg(series, frames, pathlib.Path({str(output)!r}), algorithm_name='Liver Node', "
+            f"algorithm_version='bench', keep_empty_frames={keep})\n"
+            "print(json.dumps({'seconds': time.perf_counter() - t}))\n"
+        )
+        key = "ours" if keep else "ours_omit"
+        seconds = []
+        for _ in range(SEG_RUNS):
+            inner = subprocess.run([sys.executable, "-c", script], cwd=REPO_ROOT, capture_output=True, text=True, check=True)
+            seconds.append(json.loads(inner.stdout.strip().splitlines()[-1])["seconds"])
+        result[f"{key}_s"] = statistics.median(seconds)
+        result[f"{key}_size_mb"] = output.stat().st_size / 2**20
     tool = dcmqi_bin / "itkimage2segimage"
     if not tool.exists():
         result["itkimage2segimage"] = f"not run: {tool} is missing (pip install dcmqi)"
@@ -488,13 +548,17 @@ def seg_encoding(cache: Path, work: Path, slices: int, mask_path: Path, dcmqi_bi
     metadata = work / "dcmqi-meta.json"
     metadata.write_text(json.dumps(DCMQI_METADATA))
     output = work / "dcmqi-seg.dcm"
-    theirs = run_measured([str(tool), "--inputImageList", str(mask_path), "--inputDICOMDirectory", str(folder),
-                           "--outputDICOM", str(output), "--inputMetadata", str(metadata)],
-                          stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
-    if theirs["returncode"] != 0 or not output.exists():
-        result["itkimage2segimage"] = f"failed with status {theirs['returncode']}"
-        return result
-    result.update({"itkimage2segimage_s": theirs["seconds"], "itkimage2segimage_peak_rss_mb": theirs["peak_rss_mb"],
+    runs = []
+    for _ in range(SEG_RUNS):
+        theirs = run_measured([str(tool), "--inputImageList", str(mask_path), "--inputDICOMDirectory", str(folder),
+                               "--outputDICOM", str(output), "--inputMetadata", str(metadata)],
+                              stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+        if theirs["returncode"] != 0 or not output.exists():
+            result["itkimage2segimage"] = f"failed with status {theirs['returncode']}"
+            return result
+        runs.append(theirs)
+    result.update({"itkimage2segimage_s": statistics.median(run["seconds"] for run in runs),
+                   "itkimage2segimage_peak_rss_mb": max(run["peak_rss_mb"] for run in runs),
                    "itkimage2segimage_size_mb": output.stat().st_size / 2**20})
     return result
 
@@ -509,6 +573,7 @@ class _RecordingModule:
         self.module = module
         self.inputs: list[np.ndarray] = []
         self.outputs: list[np.ndarray] = []
+        self.seconds: list[float] = []
         self.replay = replay
         self.valid_output_lengths = module.valid_output_lengths
 
@@ -516,10 +581,12 @@ class _RecordingModule:
         import torch
 
         self.inputs.append(tile[0, 0].numpy().copy())
+        started = time.perf_counter()
         if self.replay is not None:
             output = torch.from_numpy(self.replay[len(self.inputs) - 1])[None, None]
         else:
             output = self.module(tile)
+        self.seconds.append(time.perf_counter() - started)
         self.outputs.append(output[0, 0].numpy().copy())
         return output
 
@@ -552,38 +619,7 @@ def networks(cache: Path, work: Path, weights: Path, slices: int, keras_python: 
     ours_seconds = time.perf_counter() - started
     result: dict[str, Any] = {"slices": slices, "ours_stage_seconds": ours.stage_seconds, "ours_analysis_s": ours_seconds}
 
-    # Windowing overhead: the sliding window over the recorded region against one forward pass
-    # of the smallest valid input that covers region plus margins.
-    overhead = {}
-    for name, model, recorder in (("liver", liver_model, liver_recorder), ("lesion", lesion_model, lesion_recorder)):
-        tiles = len(recorder.inputs)
-        network = model.module
-        tile_seconds = []
-        with torch.inference_mode():
-            for tile in recorder.inputs:
-                started = time.perf_counter()
-                network(torch.from_numpy(tile)[None, None])
-                tile_seconds.append(time.perf_counter() - started)
-        # The region the tiles cover: output tiles laid edge to edge along each axis.
-        region = _region_from_tiles(recorder.inputs, model)
-        plain_input = []
-        for axis, length in enumerate(region):
-            pairs = network.valid_output_lengths(axis, int(length) + 400)
-            plain_input.append(next(pair[0] for pair in pairs if pair[1] >= length))
-        voxels = float(np.prod(plain_input))
-        estimate_mb = voxels * model.peak_bytes_per_input_voxel / 2**20
-        entry: dict[str, Any] = {"tiles": tiles, "tile_input": list(recorder.inputs[0].shape),
-                                 "windowed_s": sum(tile_seconds), "region": [int(v) for v in region],
-                                 "plain_input": plain_input, "plain_estimate_mb": estimate_mb}
-        if estimate_mb < 12000:
-            x = torch.zeros((1, 1, *plain_input), dtype=torch.float32)
-            with torch.inference_mode():
-                started = time.perf_counter()
-                network(x)
-                entry["plain_s"] = time.perf_counter() - started
-            entry["overhead_percent"] = 100.0 * (entry["windowed_s"] / entry["plain_s"] - 1.0)
-        overhead[name] = entry
-    result["windowing"] = overhead
+    result["windowing"] = windowing_overhead(image, liver_model, lesion_model, settings)
 
     if keras_python is None or not keras_python.exists():
         result["keras"] = f"not run: no TensorFlow environment at {keras_python}"
@@ -619,7 +655,8 @@ def networks(cache: Path, work: Path, weights: Path, slices: int, keras_python: 
         np.array_equal(a, b) for a, b in zip(replay_lesion.inputs, lesion_recorder.inputs))
     result["keras"] = {
         "seconds": {name: sum(values) for name, values in timings.items()},
-        "torch_seconds": {name: overhead[name]["windowed_s"] for name in ("liver", "lesion")},
+        "torch_seconds": {name: sum(recorder.seconds) for name, recorder in
+                          (("liver", liver_recorder), ("lesion", lesion_recorder))},
         "max_abs_diff": differences,
         "liver_dice": _dice(ours.labels >= 1, with_keras.labels >= 1),
         "tumor_dice": _dice(ours.labels == 2, with_keras.labels == 2),
@@ -631,18 +668,132 @@ def networks(cache: Path, work: Path, weights: Path, slices: int, keras_python: 
     return result
 
 
-def _region_from_tiles(inputs: list[np.ndarray], model: Any) -> tuple[int, ...]:
-    """Return the extent covered by the output tiles of one sliding-window run (upper bound)."""
-    output = model.module.output_size_for(tuple(inputs[0].shape))
-    counts = []
-    for axis in range(3):
-        starts = {round(float(tile.sum(axis=tuple(a for a in range(3) if a != axis)).argmax())) for tile in inputs}
-        counts.append(max(1, len(starts)))
-    count_total = len(inputs)
-    # Tiles form a grid; when skipped tiles make the grid irregular, fall back to one axis each.
-    if int(np.prod(counts)) < count_total:
-        counts = [count_total, 1, 1]
-    return tuple(int(c * o) for c, o in zip(counts, output))
+def reference_liver(slices: int, path: Path) -> Path:
+    """Write TotalSegmentator's liver label (5) resampled like the ``slices``-slice series."""
+    segmentation = nib.load(str(TOTALSEG / "example_seg.nii.gz"))
+    liver = (np.asarray(segmentation.dataobj) == TOTALSEG_LIVER_LABEL).astype(np.float32) * 1000.0
+    large = resample_to_large(nib.Nifti1Image(liver, segmentation.affine), slices)
+    mask = (np.asarray(large.dataobj) > 500).astype(np.uint8)
+    nib.save(nib.Nifti1Image(mask, large.affine), str(path))
+    return path
+
+
+def original_pipeline(cache: Path, work: Path, slices: int, keras_python: Path, ours_dir: Path | None) -> dict[str, Any]:
+    """Run the original pyliverlesionseg pipeline on the series and compare its masks with ours."""
+    from bench.original_pipeline import compare_masks, run_original
+
+    if not keras_python.exists():
+        return {"slices": slices, "skipped": f"no TensorFlow environment at {keras_python}"}
+    out = work / f"original-{slices}"
+    started = time.perf_counter()
+    result = run_original(series_folder(cache, slices), out, python=keras_python)
+    entry: dict[str, Any] = {"slices": slices, "wall_s": time.perf_counter() - started,
+                             "seconds": result.get("seconds"), "peak_rss_mb": result.get("peak_rss_mib"),
+                             "body_crop": result.get("body_crop_lps_voxels"), "liver": result.get("liver"),
+                             "tumour": result.get("tumour")}
+    if ours_dir is not None:
+        truth = reference_liver(slices, work / f"reference-liver-{slices}.nii.gz")
+        entry["comparison"] = compare_masks(out, ours_dir, truth)
+    return entry
+
+
+FORWARD_SCRIPT = """
+import json, resource, sys, time
+import numpy as np, torch
+from pathlib import Path
+from pipeline.inference import bfloat16_module
+from pipeline.memory import current_rss_mb
+from weights.load import load_model
+torch.set_num_threads(2)
+name, precision, weights = sys.argv[1], sys.argv[2], Path(sys.argv[3])
+size = tuple(int(v) for v in sys.argv[4].split("x"))
+module = load_model(name, weights).module
+dtype = torch.bfloat16 if precision == "bfloat16" else torch.float32
+if precision == "bfloat16":
+    module = bfloat16_module(module)
+tile = torch.from_numpy(np.random.default_rng(0).uniform(-0.5, 0.5, size=(1, 1) + size).astype(np.float32)).to(dtype)
+baseline = current_rss_mb()
+with torch.inference_mode():
+    started = time.perf_counter()
+    module(tile)
+    seconds = time.perf_counter() - started
+peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024 - baseline
+print(json.dumps({"above_mib": round(peak), "per_voxel": round(peak * 2**20 / float(np.prod(size)), 1),
+                  "seconds": round(seconds, 2)}))
+"""
+
+#: The networks' default tiles (input voxels) measured by :func:`forward_memory`.
+FORWARD_TILES = {"liver": (189, 162, 162), "lesion": (180, 172, 86)}
+
+
+def forward_memory(weights: Path) -> list[dict[str, Any]]:
+    """Peak memory and seconds of one forward pass per network and precision, each in a fresh process."""
+    entries = []
+    for name, size in FORWARD_TILES.items():
+        for precision in ("float32", "bfloat16"):
+            completed = subprocess.run(
+                [sys.executable, "-c", FORWARD_SCRIPT, name, precision, str(weights), "x".join(map(str, size))],
+                cwd=REPO_ROOT, capture_output=True, text=True, check=True,
+            )
+            measured = json.loads(completed.stdout.strip().splitlines()[-1])
+            entries.append({"name": f"{name}, {precision}", "size": " x ".join(map(str, size)), **measured})
+    return entries
+
+
+def windowing_overhead(image: Any, liver_model: Any, lesion_model: Any, settings: Any) -> dict[str, Any]:
+    """Time each network's sliding window in one analysis against one pass over the same region.
+
+    The analysis runs at the node's precision. Every ``sliding_window_predict`` call it makes is
+    recorded and timed; the same call is then repeated with a single tile just large enough to
+    cover the whole volume of that call, which is one plain forward pass over the same region.
+    """
+    import dataclasses
+
+    import pipeline.analysis as analysis_module
+    from node.analysis import use_bfloat16
+    from pipeline.analysis import analyse
+    from pipeline.inference import estimated_peak_mb, sliding_window_predict
+    from pipeline.memory import current_rss_mb
+    from pipeline.settings import AnalysisSettings
+
+    calls: list[dict[str, Any]] = []
+
+    def recording(volume: np.ndarray, model: Any, **options: Any) -> np.ndarray:
+        started = time.perf_counter()
+        probabilities = sliding_window_predict(volume, model, **options)
+        calls.append({"volume": volume.copy(), "model": model, "options": options,
+                      "seconds": time.perf_counter() - started})
+        return probabilities
+
+    bfloat16 = use_bfloat16(settings.analysis.precision)
+    analysis_module.sliding_window_predict = recording
+    try:
+        analyse(image, liver_model, lesion_model, AnalysisSettings(torch_threads=2, bfloat16=bfloat16))
+    finally:
+        analysis_module.sliding_window_predict = sliding_window_predict
+
+    overhead: dict[str, Any] = {}
+    for call in calls:
+        model, volume = call["model"], call["volume"]
+        inputs, outputs = [], []
+        for axis, length in enumerate(volume.shape):
+            pairs = model.module.valid_output_lengths(axis, int(length) + 400)
+            pair = next(pair for pair in pairs if pair[1] >= length)
+            inputs.append(pair[0])
+            outputs.append(pair[1])
+        tiles = int(np.prod([-(-n // o) for n, o in zip(volume.shape, model.output_size)]))
+        plain = dataclasses.replace(model, input_size=tuple(inputs), output_size=tuple(outputs))
+        entry: dict[str, Any] = {"precision": "bfloat16" if bfloat16 else "float32", "region": list(volume.shape),
+                                 "tiles": tiles, "tile_input": list(model.input_size),
+                                 "windowed_s": call["seconds"], "plain_input": inputs,
+                                 "plain_estimate_mb": estimated_peak_mb(plain)}
+        if estimated_peak_mb(plain) + current_rss_mb() < 16000:
+            started = time.perf_counter()
+            sliding_window_predict(volume, plain, **call["options"])
+            entry["plain_s"] = time.perf_counter() - started
+            entry["overhead_percent"] = 100.0 * (entry["windowed_s"] / entry["plain_s"] - 1.0)
+        overhead[model.name] = entry
+    return overhead
 
 
 def _dice(a: np.ndarray, b: np.ndarray) -> float | None:
@@ -735,30 +886,37 @@ def render(results: dict[str, Any]) -> str:
               "|---|---:|---:|---:|---|"]
     for entry in results.get("ingest", []):
         ratio = entry["node"]["instances_per_s"] / entry["storescp"]["instances_per_s"]
-        ratio_nd = entry["node_nodelay"]["instances_per_s"] / entry["storescp"]["instances_per_s"]
+        floor = entry["bare_fsync"]["instances_per_s"] / entry["storescp"]["instances_per_s"]
         lines.append(f"| ingest, {entry['slices']} instances (storescu sender, median of {entry['runs']}) | "
-                     f"{entry['node']['instances_per_s']:.0f} inst/s (with TCP_NODELAY: "
-                     f"{entry['node_nodelay']['instances_per_s']:.0f}) | storescp {entry['storescp']['instances_per_s']:.0f} inst/s | "
-                     f"{ratio:.2f}x of storescp's rate (TCP_NODELAY: {ratio_nd:.2f}x) | >= 0.8x |")
+                     f"{entry['node']['instances_per_s']:.0f} inst/s (bare pynetdicom: "
+                     f"{entry['bare']['instances_per_s']:.0f}, with fsync: {entry['bare_fsync']['instances_per_s']:.0f}) | "
+                     f"storescp {entry['storescp']['instances_per_s']:.0f} inst/s | "
+                     f"{ratio:.2f}x of storescp's rate (bare pynetdicom with fsync: {floor:.2f}x) | >= 0.8x |")
     for entry in results.get("conversion", []):
         lines.append(f"| conversion, {entry['slices']} slices | {entry['ours_s']:.1f} s | dcm2niix {entry['dcm2niix_s']:.1f} s | "
                      f"{entry['ours_s'] / entry['dcm2niix_s']:.1f}x the time | <= 1.5x |")
     seg = results.get("seg")
     if seg:
         if "itkimage2segimage_s" in seg:
-            lines.append(f"| SEG encoding, {seg['slices']} frames | {seg['ours_s']:.1f} s ({seg['ours_size_mb']:.1f} MiB) | "
-                         f"itkimage2segimage {seg['itkimage2segimage_s']:.1f} s ({seg['itkimage2segimage_size_mb']:.1f} MiB) | "
-                         f"{seg['ours_s'] / seg['itkimage2segimage_s']:.2f}x the time | <= 1.0x |")
+            theirs = seg["itkimage2segimage_s"]
+            lines.append(f"| SEG encoding, {seg['slices']} frames (median of {SEG_RUNS}), empty frames kept (node default) | {seg['ours_s']:.1f} s "
+                         f"({seg['ours_size_mb']:.1f} MiB) | itkimage2segimage {theirs:.1f} s "
+                         f"({seg['itkimage2segimage_size_mb']:.1f} MiB) | {seg['ours_s'] / theirs:.2f}x the time | <= 1.0x |")
+            if "ours_omit_s" in seg:
+                lines.append(f"| SEG encoding, {seg['slices']} frames, empty frames omitted | {seg['ours_omit_s']:.1f} s "
+                             f"({seg['ours_omit_size_mb']:.1f} MiB) | itkimage2segimage {theirs:.1f} s | "
+                             f"{seg['ours_omit_s'] / theirs:.2f}x the time | <= 1.0x |")
         else:
             lines.append(f"| SEG encoding, {seg['slices']} frames | {seg['ours_s']:.1f} s | {seg['itkimage2segimage']} | - | <= 1.0x |")
     nets = results.get("networks")
     if nets:
         for name, entry in nets["windowing"].items():
-            # NOTE: the region is estimated from the tiles' contents and was wrong in the
-            # 2026-12-04 run (the plain pass did not cover the same region), so no ratio is shown.
-            lines.append(f"| {name} network: sliding window ({entry['tiles']} tiles of {entry['tile_input']}) | "
-                         f"{entry['windowed_s']:.1f} s | not measured: the one-pass input did not match the "
-                         "tiled region | - | <= 20 % |")
+            plain = (f"one pass of {entry['plain_input']}: {entry['plain_s']:.1f} s" if "plain_s" in entry
+                     else f"one pass not run: about {entry['plain_estimate_mb']:.0f} MiB")
+            ratio = f"{entry['overhead_percent']:+.0f} %" if "overhead_percent" in entry else "-"
+            lines.append(f"| {name} network ({entry.get('precision', 'float32')}): sliding window, {entry['tiles']} tiles of "
+                         f"{entry['tile_input']} over {entry.get('region')} | {entry['windowed_s']:.1f} s | {plain} | "
+                         f"{ratio} | <= 20 % |")
         keras = nets.get("keras")
         if isinstance(keras, dict):
             for name in ("liver", "lesion"):
@@ -771,10 +929,9 @@ def render(results: dict[str, Any]) -> str:
         lines += ["## Against the original networks", "",
                   f"On the {nets['slices']}-slice series, the original pyliverlesionseg 0.3 Keras networks "
                   "(tf-keras, TensorFlow's float32 normalisation as in the original) ran on exactly the tiles our "
-                  "pipeline fed its own networks; our pre- and post-processing then turned their "
-                  "probabilities into masks. The original pipeline's own DICOM reading and preprocessing "
-                  "(pymirc) was not run, so its end-to-end time is not measured; the speed-up below is "
-                  "for the networks alone.", "",
+                  "float32 pipeline fed its own networks; our pre- and post-processing then turned their "
+                  "probabilities into masks. This compares the networks alone; the original pipeline end "
+                  "to end follows in the next section.", "",
                   f"- network seconds: ours {sum(keras['torch_seconds'].values()):.1f} s, original "
                   f"{sum(keras['seconds'].values()):.1f} s (ours takes {sum(keras['torch_seconds'].values()) / sum(keras['seconds'].values()):.2f}x the original's time)",
                   f"- largest probability difference per tile: liver {keras['max_abs_diff']['liver']:.2g}, "
@@ -787,6 +944,8 @@ def render(results: dict[str, Any]) -> str:
                   f"- volumes mL (liver, tumour): ours {keras['ours_ml']}, original networks {keras['keras_ml']}", ""]
     elif nets:
         lines += [f"Original networks: {nets.get('keras')}", ""]
+
+    lines += _render_original(results)
 
     memory = results.get("memory")
     if memory:
@@ -801,9 +960,8 @@ def render(results: dict[str, Any]) -> str:
         for entry in budget:
             lines.append(f"- `memory_budget_mb = {entry['budget_mb']}`, {entry['slices']} slices: {entry['outcome']}")
         lines.append("")
-    notes = results.get("notes")
-    if notes:
-        lines += ["## Notes", ""] + [f"- {note}" for note in notes] + [""]
+    notes = METHOD_NOTES + list(results.get("notes") or [])
+    lines += ["## Notes", ""] + [f"- {note}" for note in notes] + [""]
     return "\n".join(lines)
 
 
@@ -816,7 +974,7 @@ def main() -> int:
     parser.add_argument("--weights", type=Path, default=Path("/tmp/livernode-test-weights"), help="weights cache")
     parser.add_argument("--keras-python", type=Path, default=DEFAULT_KERAS_PYTHON, help="python of a TensorFlow env")
     parser.add_argument("--dcmqi-bin", type=Path, default=DEFAULT_DCMQI_BIN, help="folder holding itkimage2segimage")
-    parser.add_argument("--only", default="e2e,ingest,conversion,seg,networks,queue,budget",
+    parser.add_argument("--only", default="e2e,ingest,conversion,seg,networks,memory,original,queue,budget",
                         help="comma-separated parts to run; the others are taken from the last results file; "
                              "'render' only rewrites the report from it")
     parser.add_argument("--out", type=Path, default=DOCS_PATH, help="Markdown report (default: %(default)s)")
@@ -878,6 +1036,12 @@ def main() -> int:
             guarded("seg", lambda: seg_encoding(args.cache, work, REFERENCE_SIZE, mask, args.dcmqi_bin))
     if "networks" in parts:
         guarded("networks", lambda: networks(args.cache, work, args.weights, REFERENCE_SIZE, args.keras_python))
+    if "memory" in parts:
+        guarded("memory", lambda: forward_memory(args.weights))
+    if "original" in parts:
+        mask = _find_mask(results, REFERENCE_SIZE)
+        ours_dir = mask.parent if mask is not None else None
+        guarded("original", lambda: original_pipeline(args.cache, work, REFERENCE_SIZE, args.keras_python, ours_dir))
     if "queue" in parts and args.queue > 0:
         guarded("throughput", lambda: throughput(args.cache, work, args.weights, REFERENCE_SIZE, args.queue))
     if "budget" in parts:
@@ -897,19 +1061,69 @@ def memory_budget(cache: Path, work: Path, weights: Path, slices: int, budgets: 
         config.write_text(f'data_dir = "{work / "budget-data"}"\nweights_cache_dir = "{weights}"\n')
         command = [sys.executable, "-c", "from node.cli import main; raise SystemExit(main())", "--config", str(config),
                    "--log-level", "WARNING", "segment", str(folder), "--out", str(out)]
-        completed = subprocess.run(command, cwd=REPO_ROOT, capture_output=True, text=True,
-                                   env={**os.environ, "LIVERNODE_MEMORY_BUDGET_MB": str(budget)})
+        stderr_path = work / f"budget-{budget}.stderr"
+        with open(stderr_path, "w", encoding="utf-8") as stderr:
+            measured = run_measured(command, cwd=REPO_ROOT, stdout=subprocess.DEVNULL, stderr=stderr,
+                                    env={**os.environ, "LIVERNODE_MEMORY_BUDGET_MB": str(budget)})
+        errors = stderr_path.read_text(encoding="utf-8", errors="replace")
         result_file = out / "result.json"
-        if completed.returncode == 0 and result_file.exists():
+        if measured["returncode"] == 0 and result_file.exists():
             content = json.loads(result_file.read_text())
             outcome = (f"completed in {content['total_seconds']:.0f} s, analysis peak RSS "
-                       f"{content['peak_rss_mb']:.0f} MiB")
+                       f"{content['peak_rss_mb']:.0f} MiB, process peak RSS {measured['peak_rss_mb']:.0f} MiB")
         else:
-            message = [line for line in completed.stderr.splitlines() if "memory_budget_mb" in line]
-            outcome = "refused: " + (message[-1].strip() if message else completed.stderr.strip()[-300:])
+            message = [line for line in errors.splitlines() if "memory_budget_mb" in line]
+            outcome = (f"refused (exit status {measured['returncode']}, process peak RSS "
+                       f"{measured['peak_rss_mb']:.0f} MiB): " + (message[-1].strip() if message else errors.strip()[-300:]))
         outcomes.append({"budget_mb": budget, "slices": slices, "outcome": outcome})
         logger.info("Budget %d MiB, %d slices: %s", budget, slices, outcome)
     return outcomes
+
+
+def _render_original(results: dict[str, Any]) -> list[str]:
+    """Return the report section on the original pipeline run end to end."""
+    entry = results.get("original")
+    if not entry:
+        return []
+    if "skipped" in entry:
+        return ["## Against the original pipeline end to end", "", f"Not run: {entry['skipped']}.", ""]
+    slices = entry["slices"]
+    ours_runs = results.get("end_to_end", {}).get(str(slices), {}).get("runs", [])
+    ours_s = statistics.median(r["end_to_end_s"] for r in ours_runs) if ours_runs else float("nan")
+    ours_rss = results.get("end_to_end", {}).get(str(slices), {}).get("node_peak_rss_mb", float("nan"))
+    seconds = entry.get("seconds") or {}
+    lines = ["## Against the original pipeline end to end", "",
+             f"pyliverlesionseg 0.3 ran through its own entry point (`predict_liver_lesion_seg --seg_liver "
+             f"--seg_lesion --save_nifti`: pymirc DICOM reading, body crop, resampling, tiling, thresholds, "
+             f"post-processing and RTSTRUCT output, bundled models) once on the same {slices}-slice series, in a "
+             "separate TensorFlow environment (`bench/original_pipeline.py`, which lists the compatibility "
+             "shims it needs). One run, because it takes minutes.", "",
+             "| | original | ours | ratio |", "|---|---:|---:|---:|",
+             f"| seconds (original: whole process; ours: end-to-end median) | {seconds.get('process_total', entry['wall_s']):.0f} | "
+             f"{ours_s:.1f} | {seconds.get('process_total', entry['wall_s']) / ours_s:.1f}x faster |",
+             f"| peak RSS MiB (ours: the node process) | {entry['peak_rss_mb']:.0f} | {ours_rss:.0f} | "
+             f"{entry['peak_rss_mb'] / ours_rss:.1f}x less |", "",
+             "Original seconds per step: " + ", ".join(f"{name} {value:.1f}" for name, value in seconds.items()
+                                                      if name not in ("pipeline_total", "process_total")) + ".", ""]
+    comparison = entry.get("comparison")
+    if comparison:
+        crop = comparison.get("inside_original_crop", {})
+        truth = comparison.get("dice_against_truth", {})
+        liver = comparison["liver"]
+        lines += [
+            f"- liver Dice, original vs ours: {comparison['liver_dice']:.3f} (inside the original's body crop, "
+            f"slices {crop.get('slices')}: {crop.get('liver_dice', float('nan')):.3f}); tumour Dice: "
+            f"{comparison['tumour_dice']}",
+            f"- liver Dice against TotalSegmentator's liver label resampled to the series: original "
+            f"{truth.get('original', {}).get('liver', float('nan')):.3f}, ours {truth.get('ours', {}).get('liver', float('nan')):.3f}",
+            f"- liver volume mL and slices: original {liver['original']['volume_ml']} "
+            f"({liver['original']['first_slice']}-{liver['original']['last_slice']}), ours {liver['ours']['volume_ml']} "
+            f"({liver['ours']['first_slice']}-{liver['ours']['last_slice']}), reference {liver['truth']['volume_ml']} "
+            f"({liver['truth']['first_slice']}-{liver['truth']['last_slice']}); tumour mL: original "
+            f"{comparison['tumour']['original']['volume_ml']}, ours {comparison['tumour']['ours']['volume_ml']}",
+            "",
+        ]
+    return lines
 
 
 def _find_mask(results: dict[str, Any], slices: int) -> Path | None:

@@ -268,7 +268,10 @@ class AnalysisSettings:
         exceeds it fails before inference starts, with a message naming both numbers. The liver
         network's default tile needs about 3.5 GiB on top of the loaded process.
     keep_empty_frames : bool
-        Whether the DICOM SEG keeps frames without any segmented voxel; default true.
+        Whether the DICOM SEG keeps frames without any segmented voxel; default false. Empty
+        frames omitted is what dcmqi (3D Slicer's SEG writer) and highdicom write by default;
+        on a 300-slice CT it made the SEG 4.0 MiB instead of 19.1 MiB and encoded in 0.7 s
+        instead of 1.0 s. Each kept frame still names its source instance and position.
     precision : str
         Arithmetic of the networks: ``"float32"``, ``"bfloat16"`` (bfloat16 copies of the
         networks) or ``"auto"`` (default), which picks bfloat16 where the CPU computes it
@@ -283,7 +286,7 @@ class AnalysisSettings:
 
     torch_threads: int = 2
     memory_budget_mb: int = 6000
-    keep_empty_frames: bool = True
+    keep_empty_frames: bool = False
     precision: str = "auto"
     min_analysable_coverage_mm: float = DEFAULT_MIN_ANALYSABLE_COVERAGE_MM
 

@@ -224,7 +224,7 @@ def test_settings_defaults_derived_from_data_dir() -> None:
     assert settings.destination.send_retries == 3
     assert settings.analysis.torch_threads == 2
     assert settings.analysis.memory_budget_mb == 6000
-    assert settings.analysis.keep_empty_frames is True
+    assert settings.analysis.keep_empty_frames is False
     assert settings.analysis.precision == "auto"
 
 
@@ -234,7 +234,7 @@ def test_settings_from_toml_and_environment(tmp_path: Path) -> None:
         'data_dir = "/srv/node"\n'
         "[scp]\nport = 4242\nallowed_calling_ae_titles = [\"PACS\"]\n"
         '[destination]\nkind = "dicom"\nae_title = "PACS"\nhost = "127.0.0.1"\nport = 104\n'
-        "[analysis]\nkeep_empty_frames = false\n"
+        "[analysis]\nkeep_empty_frames = true\n"
     )
     environ = {
         "LIVERNODE_CONFIG": str(config),
@@ -250,7 +250,7 @@ def test_settings_from_toml_and_environment(tmp_path: Path) -> None:
     assert settings.spool_dir == Path("/srv/node/spool")
     assert settings.weights_cache_dir == Path("/cache/weights")
     assert settings.destination.kind == "dicom"
-    assert settings.analysis.keep_empty_frames is False
+    assert settings.analysis.keep_empty_frames is True
     assert settings.analysis.precision == "float32"
 
 

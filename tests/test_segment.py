@@ -138,8 +138,15 @@ def test_dicom_series_seg_frames_on_source(dicom_cli_run: dict, example_dicom_se
     }
     mask = nib.load(str(out_dir / "mask.nii.gz"))
     assert seg.StudyInstanceUID == next(iter(source.values())).StudyInstanceUID
-    assert int(seg.NumberOfFrames) == 2 * len(source)
+    # Empty frames are omitted (analysis.keep_empty_frames = false): one frame per instance and
+    # segment that the mask has on that instance.
+    expected_frames = {
+        (uid, number) for uid, instance in source.items() for number in (1, 2)
+        if (source_pixel_labels(instance, mask) == number).any()
+    }
+    assert int(seg.NumberOfFrames) == len(expected_frames)
 
+    found_frames = set()
     pixels = seg.pixel_array
     for index, frame in enumerate(seg.PerFrameFunctionalGroupsSequence):
         derivation = frame.DerivationImageSequence[0].SourceImageSequence[0]
@@ -153,6 +160,8 @@ def test_dicom_series_seg_frames_on_source(dicom_cli_run: dict, example_dicom_se
             f"SEG frame {index + 1} (segment {segment_number}) differs from the mask on "
             f"instance {instance.SOPInstanceUID}"
         )
+        found_frames.add((derivation.ReferencedSOPInstanceUID, segment_number))
+    assert found_frames == expected_frames
 
 
 def test_slab_blank_uids_skips_seg(slab_runs: dict) -> None:
