@@ -122,14 +122,34 @@ def series_folder(cache: Path, slices: int, copy: int = 0) -> Path:
     return folder
 
 
+def _high_water_mark_mb(pid: int) -> float | None:
+    """Return VmHWM of a running process in MiB, or None once it has exited."""
+    try:
+        for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+            if line.startswith("VmHWM:"):
+                return int(line.split()[1]) / 1024.0
+    except OSError:
+        return None
+    return None
+
+
 def run_measured(command: list[str], **kwargs: Any) -> dict[str, Any]:
-    """Run ``command``; return its wall seconds, exit status and peak RSS (wait4's ru_maxrss)."""
+    """Run ``command``; return its wall seconds, exit status and peak RSS in MiB.
+
+    The peak is the command's VmHWM, read every 20 ms until it exits (the high-water mark only
+    grows, so the last reading is the peak up to 20 ms before the end). wait4's ru_maxrss is
+    not used: it also counts the moment between fork and exec, when the child still maps this
+    benchmark process's memory, and so reported this process's size for small commands.
+    """
     started = time.perf_counter()
     process = subprocess.Popen(command, **kwargs)
-    _, status, usage = os.wait4(process.pid, 0)
-    process.returncode = os.waitstatus_to_exitcode(status)
-    return {"seconds": time.perf_counter() - started, "returncode": process.returncode,
-            "peak_rss_mb": usage.ru_maxrss / 1024.0}
+    peak = 0.0
+    while process.poll() is None:
+        reading = _high_water_mark_mb(process.pid)
+        if reading is not None:
+            peak = max(peak, reading)
+        time.sleep(0.02)
+    return {"seconds": time.perf_counter() - started, "returncode": process.returncode, "peak_rss_mb": peak}
 
 
 def storescu(folder: Path, port: int, called_ae: str) -> dict[str, Any]:
@@ -445,9 +465,9 @@ def ingest(cache: Path, work: Path, weights: Path, slices: int, runs: int) -> di
                                stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, env=DCMTK_ENV)
         time.sleep(0.5)
         sent = storescu(folder, port, "STORESCP")
+        sent["receiver_peak_rss_mb"] = _high_water_mark_mb(scp.pid) or float("nan")
         scp.send_signal(signal.SIGTERM)
-        _, _, usage = os.wait4(scp.pid, 0)
-        sent["receiver_peak_rss_mb"] = usage.ru_maxrss / 1024.0
+        scp.wait()
         results["storescp"].append(sent)
         shutil.rmtree(target, ignore_errors=True)
 

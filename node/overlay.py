@@ -138,8 +138,12 @@ def render_overlays(
             "affine: render the overlays from the CT the mask was computed on"
         )
 
-    hu = np.asarray(ct.dataobj, dtype=np.float32).reshape(ct.shape[:3])
-    label_array = np.asarray(labels.dataobj).astype(np.uint8).reshape(labels.shape[:3])
+    # Integer CT stays integer: each displayed plane is windowed on its own.
+    hu = np.asanyarray(ct.dataobj)
+    if not np.issubdtype(hu.dtype, np.integer):
+        hu = np.asarray(hu, dtype=np.float32)
+    hu = hu.reshape(ct.shape[:3])
+    label_array = np.asarray(labels.dataobj).astype(np.uint8, copy=False).reshape(labels.shape[:3])
     spacing = tuple(float(value) for value in ct.header.get_zooms()[:3])
     caption = _volume_caption(result or {})
 
@@ -335,21 +339,45 @@ def _font() -> Any:
         return ImageFont.load_default()
 
 
+def _bounding_box(mask: np.ndarray) -> tuple[slice, slice, slice] | None:
+    """Return the index ranges of the set voxels of ``mask``, or None when none is set."""
+    box = []
+    for axis in range(3):
+        hits = np.flatnonzero(mask.any(axis=tuple(other for other in range(3) if other != axis)))
+        if hits.size == 0:
+            return None
+        box.append(slice(int(hits[0]), int(hits[-1]) + 1))
+    return tuple(box)  # type: ignore[return-value]
+
+
+def _centre_in_box(mask: np.ndarray, box: tuple[slice, slice, slice]) -> tuple[int, int, int]:
+    """Return the voxel nearest the centre of mass of ``mask`` within ``box``, on the whole grid.
+
+    Working inside the box keeps SciPy's float64 work arrays to the box's size.
+    """
+    local = _rounded_centre(ndimage.center_of_mass(mask[box]), mask[box])
+    return tuple(int(value) + part.start for value, part in zip(local, box))  # type: ignore[return-value]
+
+
 def _liver_centre(labels: np.ndarray) -> tuple[int, int, int]:
     liver = labels >= LIVER_LABEL
-    if not liver.any():
+    box = _bounding_box(liver)
+    if box is None:
         return tuple(int(n) // 2 for n in labels.shape)  # type: ignore[return-value]
-    return _rounded_centre(ndimage.center_of_mass(liver), liver)
+    return _centre_in_box(liver, box)
 
 
 def _largest_tumour_centre(labels: np.ndarray) -> tuple[int, int, int] | None:
     tumours = labels == TUMOUR_LABEL
-    if not tumours.any():
+    box = _bounding_box(tumours)
+    if box is None:
         return None
-    components, count = ndimage.label(tumours, structure=np.ones((3, 3, 3), dtype=bool))
+    components, count = ndimage.label(tumours[box], structure=np.ones((3, 3, 3), dtype=bool))
     sizes = np.bincount(components.ravel())[1:]
     largest = components == (int(np.argmax(sizes)) + 1)
-    return _rounded_centre(ndimage.center_of_mass(largest), largest)
+    whole = (slice(0, largest.shape[0]), slice(0, largest.shape[1]), slice(0, largest.shape[2]))
+    local = _centre_in_box(largest, whole)
+    return tuple(int(value) + part.start for value, part in zip(local, box))  # type: ignore[return-value]
 
 
 def _rounded_centre(centre: Any, mask: np.ndarray) -> tuple[int, int, int]:
