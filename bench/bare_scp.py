@@ -48,7 +48,7 @@ def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("port", type=int, help="TCP port on 127.0.0.1")
     parser.add_argument("folder", type=Path, help="folder for the received files; created if missing")
-    parser.add_argument("--fsync", action="store_true", help="fsync each file before answering (default: off)")
+    parser.add_argument("--fsync", action="store_true", help="fsync each file before returning the success status (default: off)")
     args = parser.parse_args()
     args.folder.mkdir(parents=True, exist_ok=True)
 
