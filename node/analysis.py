@@ -191,6 +191,10 @@ def segment(
         min_analysable_coverage_mm=settings.analysis.min_analysable_coverage_mm,
         bfloat16=use_bfloat16(settings.analysis.precision),
     )
+    logger.info(
+        "Networks run in %s (analysis.precision = %s)",
+        "bfloat16" if analysis_settings.bfloat16 else "float32", settings.analysis.precision,
+    )
     result: AnalysisResult = analyse(image, liver_model, lesion_model, analysis_settings, progress)
     seconds.update(result.stage_seconds)
 
@@ -230,6 +234,7 @@ def segment(
             for model in (liver_model, lesion_model)
         },
         "software_version": __version__,
+        "precision": "bfloat16" if analysis_settings.bfloat16 else "float32",
         "stage_seconds": seconds,
         "total_seconds": round(time.perf_counter() - start, 3),
         "peak_rss_mb": result.peak_rss_mb,

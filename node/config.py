@@ -266,7 +266,8 @@ class AnalysisSettings:
     memory_budget_mb : int
         Peak memory of the analysis, in MiB; default 6000. An analysis whose estimated peak
         exceeds it fails before inference starts, with a message naming both numbers. The liver
-        network's default tile needs about 3.5 GiB on top of the loaded process.
+        network's default tile needs about 1.6 GiB on top of the loaded process in float32 and
+        0.8 GiB in bfloat16 (``python -m bench.run_benchmarks`` measures both).
     keep_empty_frames : bool
         Whether the DICOM SEG keeps frames without any segmented voxel; default false. Empty
         frames omitted is what dcmqi (3D Slicer's SEG writer) and highdicom write by default;

@@ -16,6 +16,7 @@ import pytest
 
 from dicom_io.sr_writer import read_sr_measurements
 from node.cli import main
+from pipeline.inference import bfloat16_supported
 from tests.conftest import (
     REFERENCE_LIVER_LABEL,
     TOTALSEG,
@@ -80,6 +81,7 @@ def test_nifti_result_json(example_nifti_run: dict) -> None:
     assert set(result["models"]) == {"liver", "lesion"}
     for model in result["models"].values():
         assert len(model["sha256"]) == 64
+    assert result["precision"] == ("bfloat16" if bfloat16_supported() else "float32")
 
     labels = np.asarray(nib.load(str(example_nifti_run["out_dir"] / "mask.nii.gz")).dataobj)
     voxel_ml = 27.0 / 1000.0
