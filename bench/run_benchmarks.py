@@ -78,6 +78,21 @@ METHOD_NOTES = [
     "nibabel take about 0.5 s) until the volume is in memory; dcm2niix also writes it as an "
     "uncompressed NIfTI file. Inside the running node the same step is the `conversion` column of "
     "the end-to-end table.",
+    "Why ingest misses 0.8x: the node fsyncs every instance before it answers, and on this disk a "
+    "pynetdicom receiver that does nothing but write and fsync (the bare SCP) already stays far "
+    "below storescp; the node's own checks, spool and database cost the gap between it and that "
+    "floor.",
+    "Why conversion misses 1.5x on short series: the imports of a fresh Python process (pydicom "
+    "loads its pixel decoders) take longer than dcm2niix's whole run; the decoding itself is "
+    "reading headers with pydicom and copying pixel data into one int16 array.",
+    "Why the sliding window misses 20 %: the liver network keeps the original pipeline's "
+    "189 x 162 x 162 tile, larger than the region, because its instance normalisation makes the "
+    "output depend on the tile (a fitted 162 x 135 x 162 tile lowered liver Dice on the example CT "
+    "from 0.963 to 0.953); the lesion tiles stay within 1.2 times the trained tile per axis for the "
+    "same reason, while one pass over the region would need a tile of about three times its volume.",
+    "Why the original pipeline's Dice and tumour targets are not checked: its own body crop cut the "
+    "liver on this series (section above), so the targets, which apply where the original does not "
+    "truncate the liver, have no case here; no shared CT has tumour labels.",
 ]
 
 #: Parts of the benchmark, in the order they run (``--only`` takes these names).

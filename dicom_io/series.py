@@ -464,7 +464,10 @@ def load_series(
     candidates, locations = _read_candidates(folder)
     items = _select_ct_images(candidates, locations, warnings)
     if not items:
-        raise SeriesValidationError(f"{folder} contains no CT Image Storage instances.")
+        raise SeriesValidationError(
+            f"{folder} contains no CT Image Storage instances (SOP Class UID 1.2.840.10008.5.1.4.1.1.2); "
+            "give the folder that holds the DICOM files of one CT series"
+        )
 
     study_instance_uid = _check_single_uid(items, "StudyInstanceUID")
     series_instance_uid = _check_single_uid(items, "SeriesInstanceUID")
