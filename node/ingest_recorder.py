@@ -25,6 +25,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import pydicom
+from pydicom.dataset import Dataset
 from pydicom.errors import InvalidDicomError
 from sqlalchemy import Engine, insert, select
 from sqlalchemy.exc import IntegrityError, SQLAlchemyError
@@ -60,6 +61,26 @@ ACCESSION_NUMBER_LENGTH = 16
 STUDY_DATE_LENGTH = 8
 SERIES_DESCRIPTION_LENGTH = 64
 MODALITY_LENGTH = 16
+
+
+def descriptive_attributes(dataset: Dataset) -> dict[str, str | None]:
+    """Return the modality, patient, accession, date and series description of ``dataset``.
+
+    Values are stripped and cut to their column widths, so a malformed long value cannot fail
+    the database insert. A missing modality is an empty string, other missing values None.
+    """
+
+    def text(keyword: str, max_length: int) -> str | None:
+        value = dataset.get(keyword)
+        return None if value is None else (str(value).strip()[:max_length] or None)
+
+    return {
+        "modality": text("Modality", MODALITY_LENGTH) or "",
+        "patient_id": text("PatientID", PATIENT_ID_LENGTH),
+        "accession_number": text("AccessionNumber", ACCESSION_NUMBER_LENGTH),
+        "study_date": text("StudyDate", STUDY_DATE_LENGTH),
+        "series_description": text("SeriesDescription", SERIES_DESCRIPTION_LENGTH),
+    }
 
 
 @dataclass(frozen=True)
@@ -498,10 +519,6 @@ def _record_from_file(
         )
         return None
 
-    def text(keyword: str, max_length: int) -> str | None:
-        value = dataset.get(keyword)
-        return None if value is None else (str(value).strip()[:max_length] or None)
-
     sop_class_uid = str(dataset.get("SOPClassUID", "") or dataset.file_meta.get("MediaStorageSOPClassUID", ""))
     transfer_syntax_uid = str(dataset.file_meta.get("TransferSyntaxUID", ""))
     return InstanceRecord(
@@ -509,11 +526,7 @@ def _record_from_file(
         series_uid=series_uid,
         sop_uid=path.stem,
         sop_class_uid=sop_class_uid,
-        modality=text("Modality", MODALITY_LENGTH) or "",
-        patient_id=text("PatientID", PATIENT_ID_LENGTH),
-        accession_number=text("AccessionNumber", ACCESSION_NUMBER_LENGTH),
-        study_date=text("StudyDate", STUDY_DATE_LENGTH),
-        series_description=text("SeriesDescription", SERIES_DESCRIPTION_LENGTH),
+        **descriptive_attributes(dataset),
         transfer_syntax_uid=transfer_syntax_uid,
         spool_path=str(path),
         sha256=sha256_hex(data),

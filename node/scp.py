@@ -57,7 +57,7 @@ from sqlalchemy.exc import SQLAlchemyError
 from node.audit import record_audit_event
 from node.config import Settings
 from node.file_meta import encode_file_header
-from node.ingest_recorder import InstanceRecord, IngestRecorder, reconcile_spool
+from node.ingest_recorder import IngestRecorder, InstanceRecord, descriptive_attributes, reconcile_spool
 from node.models import AuditKind, Instance, utc_now
 from node.spool import Spool, is_valid_uid
 
@@ -338,19 +338,8 @@ class StorageSCP:
             f"({', '.join(f'{p.ae_title}@{p.host}' for p in scp.allowed_peers) or 'none'}); "
             "rejected with reason calling-AE-title-not-recognized"
         )
-        logger.warning(
-            "Association from %s:%s rejected: %s", address, requestor.port, reason
-        )
         # Audit first, so the event is stored by the time the peer reads the rejection.
-        try:
-            record_audit_event(
-                self.engine,
-                AuditKind.ASSOCIATION_REJECTED,
-                calling_ae_title=calling_ae[:16],
-                message=f"peer {address}:{requestor.port}: {reason}",
-            )
-        except SQLAlchemyError:
-            logger.exception("Could not record the rejected association in the audit log")
+        self._record_rejection(calling_ae, address, requestor.port, reason)
         assoc.acse.send_reject(
             REJECT_RESULT_PERMANENT, REJECT_SOURCE_SERVICE_USER, REJECT_CALLING_AE_NOT_RECOGNISED
         )
@@ -430,15 +419,17 @@ class StorageSCP:
         else:
             reason = "association rejected by the SCP (for example, too many associations)"
 
-        logger.warning(
-            "Association from %s:%s rejected: %s", requestor.address, requestor.port, reason
-        )
+        self._record_rejection(calling_ae, str(requestor.address), requestor.port, reason)
+
+    def _record_rejection(self, calling_ae: str, address: str, port: int, reason: str) -> None:
+        """Log a rejected association and add its ``association_rejected`` audit event."""
+        logger.warning("Association from %s:%s rejected: %s", address, port, reason)
         try:
             record_audit_event(
                 self.engine,
                 AuditKind.ASSOCIATION_REJECTED,
                 calling_ae_title=calling_ae[:16],
-                message=f"peer {requestor.address}:{requestor.port}: {reason}",
+                message=f"peer {address}:{port}: {reason}",
             )
         except SQLAlchemyError:
             logger.exception("Could not record the rejected association in the audit log")
@@ -664,20 +655,12 @@ def _read_attributes(dataset: Dataset) -> _InstanceAttributes:
         value = dataset.get(keyword)
         return "" if value is None else str(value).strip()
 
-    def optional(keyword: str, max_length: int) -> str | None:
-        # Cut to the column width so a malformed long value cannot fail the database insert.
-        return text(keyword)[:max_length] or None
-
     return _InstanceAttributes(
         study_uid=text("StudyInstanceUID"),
         series_uid=text("SeriesInstanceUID"),
         sop_uid=text("SOPInstanceUID"),
         sop_class_uid=text("SOPClassUID"),
-        modality=text("Modality")[:16],
-        patient_id=optional("PatientID", 64),
-        accession_number=optional("AccessionNumber", 16),
-        study_date=optional("StudyDate", 8),
-        series_description=optional("SeriesDescription", 64),
+        **descriptive_attributes(dataset),  # type: ignore[arg-type]
         geometry_problems=_geometry_problems(dataset) if text("SOPClassUID") == CTImageStorage else (),
     )
 
