@@ -446,9 +446,8 @@ def run_in_process(series_folder: Path, out: Path, float64_normalisation: bool =
         "peak_rss_mib": round(_peak_rss_mib(), 1),
         "peak_rss_mib_after_step": {i["step"]: i["peak_rss_mib_after"] for i in clock.intervals},
         # The crop is in the original's LPS array order, which keeps the slice axis: [start, stop).
-        # NOTE: the liver network receives only this crop (found from lungs and hip bones), so liver
-        # outside its slice range is cut off. This cut liver slices off the 300-slice benchmark
-        # series and off the abdomen phantom.
+        # NOTE: the liver network receives only this crop, chosen by the original's crop_ct_image,
+        # so liver outside its slice range is cut off.
         "body_crop_lps_voxels": [[int(s.start), int(s.stop)] for s in crop],
         "liver": _mask_summary(liver_mask, zooms),
         "tumour": _mask_summary(tumour_mask, zooms),

@@ -64,7 +64,7 @@ SR_SOP_CLASS = "1.2.840.10008.5.1.4.1.1.88.34"
 #: Quiet time after which the node considers a series complete, in s (part of the latency).
 QUIET_TIME_S = 1.0
 RESULT_TIMEOUT_S = 1800.0
-#: How the figures were taken; printed under Notes in every report.
+#: Method notes, printed under Notes in every report.
 METHOD_NOTES = [
     "The node answers each C-STORE only after the instance is written and fsync'ed; storescp does "
     "not fsync. The bare pynetdicom SCP (`bench/bare_scp.py`) only writes the received "
@@ -800,7 +800,7 @@ def windowing_overhead(image: Any, liver_model: Any, lesion_model: Any, settings
     """Time each network's sliding window in one analysis against one pass over the same region.
 
     The analysis runs at the node's precision. Every ``sliding_window_predict`` call it makes is
-    recorded and timed; the same call is then repeated with a single tile just large enough to
+    recorded and timed. The same call is then repeated with a single tile just large enough to
     cover the whole volume of that call, which is one plain forward pass over the same region.
     """
     import dataclasses
@@ -946,8 +946,8 @@ def render(results: dict[str, Any]) -> str:
               "Ours against a reference on the same inputs in the same run. For ingest the ratio is our "
               "rate over storescp's (higher is better); for times it is our time over theirs (lower is "
               "better); for the sliding window it is the extra time over one forward pass of the smallest "
-              "valid tile that covers the same region. `target` is the issue's target and `met` says "
-              "whether this run reached it; the notes below say why a target is missed.", "",
+              "valid tile that covers the same region. `target` is the performance target and `met` states "
+              "whether this run reached it. The notes below explain each missed target.", "",
               "| comparison | ours | theirs | ratio | target | met |",
               "|---|---:|---:|---:|---|---|"]
     for entry in results.get("ingest", []):
@@ -1187,50 +1187,66 @@ def _render_original(results: dict[str, Any]) -> list[str]:
     entry = results.get("original")
     if not entry:
         return []
+    title = "## Against the original pipeline end to end"
     if "skipped" in entry:
-        return ["## Against the original pipeline end to end", "", f"Not run: {entry['skipped']}.", ""]
+        return [title, "", f"Not run: {entry['skipped']}.", ""]
+
     slices = entry["slices"]
-    ours_runs = results.get("end_to_end", {}).get(str(slices), {}).get("runs", [])
+    ours_entry = results.get("end_to_end", {}).get(str(slices), {})
+    ours_runs = ours_entry.get("runs", [])
     ours_s = statistics.median(r["end_to_end_s"] for r in ours_runs) if ours_runs else float("nan")
-    ours_rss = results.get("end_to_end", {}).get(str(slices), {}).get("node_peak_rss_mb", float("nan"))
+    ours_rss = ours_entry.get("node_peak_rss_mb", float("nan"))
     seconds = entry.get("seconds") or {}
-    lines = ["## Against the original pipeline end to end", "",
-             f"pyliverlesionseg 0.3 ran through its own entry point (`predict_liver_lesion_seg --seg_liver "
-             f"--seg_lesion --save_nifti`: pymirc DICOM reading, body crop, resampling, tiling, thresholds, "
-             f"post-processing and RTSTRUCT output, bundled models) once on the same {slices}-slice series, in a "
-             "separate TensorFlow environment (`bench/original_pipeline.py`, which lists the compatibility "
-             "shims it needs). One run, because it takes minutes.", "",
+    original_s = seconds.get("process_total", entry["wall_s"])
+    steps = ", ".join(f"{name} {value:.1f}" for name, value in seconds.items()
+                      if name not in ("pipeline_total", "process_total"))
+    lines = [title, "",
+             "pyliverlesionseg 0.3 ran through its own entry point (`predict_liver_lesion_seg --seg_liver "
+             "--seg_lesion --save_nifti`) with its bundled models: pymirc DICOM reading, body crop, resampling, "
+             "tiling, thresholds, post-processing and RTSTRUCT output. It ran once on the same "
+             f"{slices}-slice series, because it takes minutes, in a separate TensorFlow environment. "
+             "`bench/original_pipeline.py` lists the compatibility shims it needs.", "",
              "| | original | ours | ratio |", "|---|---:|---:|---:|",
-             f"| seconds (original: whole process with imports and model set-up; ours: end-to-end median, "
-             f"networks already loaded) | {seconds.get('process_total', entry['wall_s']):.0f} | "
-             f"{ours_s:.1f} | ours takes {ours_s / seconds.get('process_total', entry['wall_s']):.2f}x the time |",
+             "| seconds (original: whole process with imports and model set-up; ours: end-to-end median, "
+             f"networks already loaded) | {original_s:.0f} | {ours_s:.1f} | ours takes {ours_s / original_s:.2f}x the time |",
              f"| peak RSS MiB (ours: the node process) | {entry['peak_rss_mb']:.0f} | {ours_rss:.0f} | "
              f"ours needs {ours_rss / entry['peak_rss_mb']:.2f}x the memory |", "",
-             "Original seconds per step: " + ", ".join(f"{name} {value:.1f}" for name, value in seconds.items()
-                                                      if name not in ("pipeline_total", "process_total")) + ".", ""]
+             f"Original seconds per step: {steps}.", ""]
+
     comparison = entry.get("comparison")
-    if comparison:
-        crop = comparison.get("inside_original_crop", {})
-        truth = comparison.get("dice_against_truth", {})
-        liver = comparison["liver"]
+    if not comparison:
+        return lines
+    crop = comparison.get("inside_original_crop", {})
+    truth = comparison.get("dice_against_truth", {})
+    liver = comparison["liver"]
+
+    def extent(name: str) -> str:
+        return f"{liver[name]['volume_ml']} ({liver[name]['first_slice']}-{liver[name]['last_slice']})"
+
+    lines += [
+        f"- liver Dice, original vs ours: {comparison['liver_dice']:.3f} (inside the original's body crop, "
+        f"slices {crop.get('slices')}: {crop.get('liver_dice', float('nan')):.3f}); tumour Dice: "
+        f"{comparison['tumour_dice']}",
+        "- liver Dice against TotalSegmentator's liver label resampled to the series: original "
+        f"{truth.get('original', {}).get('liver', float('nan')):.3f}, ours {truth.get('ours', {}).get('liver', float('nan')):.3f}",
+        f"- liver volume mL and slices: original {extent('original')}, ours {extent('ours')}, reference "
+        f"{extent('truth')}; tumour mL: original {comparison['tumour']['original']['volume_ml']}, ours "
+        f"{comparison['tumour']['ours']['volume_ml']}",
+        "",
+    ]
+
+    # The Dice targets apply only where the original's crop keeps the whole reference liver.
+    crop_slices = crop.get("slices")
+    reference = liver["truth"]
+    if crop_slices and reference["first_slice"] is not None and (
+        reference["first_slice"] < crop_slices[0] or reference["last_slice"] > crop_slices[1]
+    ):
         lines += [
-            f"- liver Dice, original vs ours: {comparison['liver_dice']:.3f} (inside the original's body crop, "
-            f"slices {crop.get('slices')}: {crop.get('liver_dice', float('nan')):.3f}); tumour Dice: "
-            f"{comparison['tumour_dice']}",
-            f"- liver Dice against TotalSegmentator's liver label resampled to the series: original "
-            f"{truth.get('original', {}).get('liver', float('nan')):.3f}, ours {truth.get('ours', {}).get('liver', float('nan')):.3f}",
-            f"- liver volume mL and slices: original {liver['original']['volume_ml']} "
-            f"({liver['original']['first_slice']}-{liver['original']['last_slice']}), ours {liver['ours']['volume_ml']} "
-            f"({liver['ours']['first_slice']}-{liver['ours']['last_slice']}), reference {liver['truth']['volume_ml']} "
-            f"({liver['truth']['first_slice']}-{liver['truth']['last_slice']}); tumour mL: original "
-            f"{comparison['tumour']['original']['volume_ml']}, ours {comparison['tumour']['ours']['volume_ml']}",
-            "",
-            "The original's own body crop (`crop_ct_image`) kept slices "
-            f"{entry.get('body_crop', [[], [], ['?', '?']])[2]} of this series (end exclusive) and so cut off the "
-            "cranial part of the liver; its liver mask then reaches below the reference liver (slices above). Its masks "
-            "are therefore not the same masks as ours, and the Dice targets between the two (which apply "
-            "where the original does not truncate the liver) cannot be checked on this series. The "
-            "networks alone agree (previous section).",
+            f"The original's own body crop (`crop_ct_image`) kept slices {crop_slices[0]}-{crop_slices[1]} of "
+            f"this series, while the reference liver spans slices {reference['first_slice']}-"
+            f"{reference['last_slice']}, so the crop cut the liver. Its masks are therefore not the same "
+            "masks as ours, and the Dice targets between the two, which apply where the original does not "
+            "truncate the liver, cannot be checked on this series. The networks alone agree (previous section).",
             "",
         ]
     return lines

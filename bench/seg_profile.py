@@ -4,7 +4,7 @@ Ours is ``labels_to_source_frames`` + ``write_seg``, timed in a fresh Python pro
 series, the converted image and the mask are loaded, as ``seg_encoding()`` in
 ``bench/run_benchmarks.py`` does. ``itkimage2segimage`` is timed as a whole process, so its
 time also includes reading the series and the mask. Each run measures ours with empty frames
-kept, ours with empty frames omitted and ``itkimage2segimage`` back to back; the table gives the
+kept, ours with empty frames omitted and ``itkimage2segimage`` back to back. The table gives the
 medians over the runs and the file sizes.
 
 ``--source-root`` times the ``dicom_io`` package of another checkout, for example an export of

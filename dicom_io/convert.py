@@ -194,7 +194,7 @@ def series_to_nifti(series: CTSeries) -> nib.Nifti1Image:
         RAS+ image (``nib.as_closest_canonical``) with ``xyzt`` units of mm. Its data array is
         int16 when every instance has an integral RescaleSlope and RescaleIntercept and the HU
         fit int16 (the usual CT case), float32 otherwise (non-integral rescale, Modality LUT
-        Sequence, HU outside int16, or a resampled series); the header's data type says which.
+        Sequence, HU outside int16, or a resampled series). The header's data type gives which.
         The array is a non-contiguous view (transpose and flips) of the one decoded array, which
         nothing else references.
 

@@ -6,10 +6,10 @@ Modality LUT Sequence when it is present, the stored values otherwise. Pixels ma
 PixelPaddingValue become :data:`PADDING_HU`.
 
 The volume is int16 when every instance has an integral RescaleSlope and RescaleIntercept and no
-Modality LUT Sequence, which holds the exact HU of usual CT data in half the memory of float32.
-When a slice turns out to hold HU outside the int16 range, the volume is converted to float32
+Modality LUT Sequence, which stores the exact HU of usual CT data in half the memory of float32.
+When a slice turns out to contain HU outside the int16 range, the volume is converted to float32
 once and decoding continues. Non-integral rescale parameters give float32, rounded from the
-float64 result like the float32 conversion done before.
+float64 result.
 """
 
 from __future__ import annotations
@@ -46,7 +46,7 @@ def rescale_of(dataset: Dataset) -> tuple[float, float] | None:
 
 
 def has_integral_rescale(dataset: Dataset) -> bool:
-    """Whether the modality LUT of ``dataset`` maps integers to integers by an integral rescale."""
+    """Return whether the modality LUT of ``dataset`` is an integral rescale of integers to integers."""
     rescale = rescale_of(dataset)
     return rescale is not None and rescale[0].is_integer() and rescale[1].is_integer()
 

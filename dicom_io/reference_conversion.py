@@ -1,6 +1,6 @@
 """dicom2nifti as an independent reference for :func:`dicom_io.convert.series_to_nifti`.
 
-The node converts series with its own reader; this module runs dicom2nifti (2.6) on the same
+The node converts series with its own reader. This module runs dicom2nifti (2.6) on the same
 files, so tests can check that both give the same HU and the same affine. dicom2nifti is
 imported only when :func:`convert_with_dicom2nifti` runs, because importing it (it pulls in
 scipy.ndimage) costs about 0.3 s.

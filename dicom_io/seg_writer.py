@@ -304,8 +304,8 @@ def write_seg(
             # The label values are the segment numbers, so the frames go in as a label map.
             # highdicom 0.28 checks a label map with one max() and cuts each segment's binary
             # frame per plane. A 4D stack of binary masks is slower because highdicom sums it
-            # over the segment axis to test for overlap: about 2 s for 300 frames of 512 x 512
-            # pixels in a cProfile run of bench/seg_profile.py on 2 CPU cores.
+            # over the segment axis to test for overlap. That took about 2 s for 300 frames of
+            # 512 x 512 pixels (cProfile run of bench/seg_profile.py, 2 CPU cores).
             pixel_array=frames,
             segmentation_type=hd.seg.SegmentationTypeValues.BINARY,
             segment_descriptions=segment_descriptions(algorithm_name, algorithm_version),

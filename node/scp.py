@@ -355,7 +355,7 @@ class StorageSCP:
         )
 
     def _handle_acse_received(self, event: Event) -> None:
-        # pynetdicom sends the A-RELEASE response after this handler returns, so the peer sees
+        # pynetdicom sends the A-RELEASE response after this handler returns, so the peer receives
         # the release only once every instance it sent on the association has its row.
         primitive = event.primitive  # type: ignore[attr-defined]
         if isinstance(primitive, A_RELEASE) and primitive.result is None:

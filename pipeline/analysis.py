@@ -146,7 +146,7 @@ def _to_ras(image: nib.Nifti1Image) -> tuple[np.ndarray, np.ndarray, np.ndarray]
     """Return the HU array in RAS order, its affine and the orientation that maps it back.
 
     The array is a view of the image's data where possible (axes flipped and swapped, not
-    copied), int16 or float32 as the image holds it.
+    copied), int16 or float32 as the image stores it.
     """
     orientation = nib.io_orientation(image.affine)
     ras = nib.orientations.axcodes2ornt(("R", "A", "S"))

@@ -40,9 +40,9 @@ INSTANCE_NORM_EPSILON = 1e-7
 #: Negative slope of the leaky ReLU activations (Keras ``LeakyReLU(alpha=0.01)``).
 LEAKY_RELU_SLOPE = 0.01
 
-#: Number of voxels per partial sum in instance normalisation, in the tensor's dtype (PyTorch
-#: accumulates bfloat16 sums in float32 and rounds the result); the partial sums are added in
-#: float64.
+#: Number of voxels per partial sum in instance normalisation, computed in the tensor's dtype.
+#: PyTorch accumulates a bfloat16 sum in float32 and rounds only the result. The partial sums
+#: are added in float64.
 _SUM_BLOCK = 1024
 
 #: Channels of the upsampled tensor built, normalised and convolved at a time on the expanding

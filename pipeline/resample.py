@@ -108,8 +108,8 @@ def resize_volume(
 
     Voxel edges of both grids coincide (``align_corners=False``), so a resize followed by the
     reverse resize maps every voxel back onto its original position. Trilinear resampling is
-    done one axis at a time, shrinking axes first, in chunks, so that the float32 work arrays
-    stay near the size of the output; the input may be any numeric dtype and a view.
+    done one axis at a time, shrinking axes first and in chunks, so the float32 work arrays stay
+    near the size of the output. The input may be any numeric dtype and a view.
 
     Parameters
     ----------
@@ -144,7 +144,7 @@ def resize_volume(
             resized = F.interpolate(tensor, size=target, mode="nearest-exact")
         return resized[0, 0].numpy()
 
-    wanted = [
+    target_indices = [
         np.arange(n) if region is None else np.arange(n)[region[axis]] for axis, n in enumerate(target)
     ]
 
@@ -153,12 +153,12 @@ def resize_volume(
     memory_order = [int(axis) for axis in np.argsort([-abs(stride) for stride in volume.strides], kind="stable")]
     result: np.ndarray = volume.transpose(memory_order)
     target_in_order = [target[axis] for axis in memory_order]
-    wanted_in_order = [wanted[axis] for axis in memory_order]
+    indices_in_order = [target_indices[axis] for axis in memory_order]
 
     # Axes that shrink the most go first, so the intermediate arrays stay small.
-    steps = sorted(range(3), key=lambda axis: len(wanted_in_order[axis]) / result.shape[axis])
+    steps = sorted(range(3), key=lambda axis: len(indices_in_order[axis]) / result.shape[axis])
     for axis in steps:
-        if result.shape[axis] == target_in_order[axis] and len(wanted_in_order[axis]) == target_in_order[axis]:
+        if result.shape[axis] == target_in_order[axis] and len(indices_in_order[axis]) == target_in_order[axis]:
             continue
-        result = _interpolate_axis(result, axis, target_in_order[axis], wanted_in_order[axis])
+        result = _interpolate_axis(result, axis, target_in_order[axis], indices_in_order[axis])
     return np.ascontiguousarray(result.transpose(np.argsort(memory_order)), dtype=np.float32)

@@ -240,7 +240,7 @@ def test_liver_input_median_only_for_fine_voxels() -> None:
     assert filtered.std() < normalise_ct(fine).std() / 2
 
 
-def test_precision_setting_picks_bfloat16_only_where_native() -> None:
+def test_precision_auto_follows_cpu_support() -> None:
     from node.analysis import use_bfloat16
     from pipeline.inference import bfloat16_supported
 
@@ -249,7 +249,7 @@ def test_precision_setting_picks_bfloat16_only_where_native() -> None:
     assert use_bfloat16("auto") is bfloat16_supported()
 
 
-def test_bfloat16_tiles_return_float32_close_to_float32() -> None:
+def test_bfloat16_tiles_close_to_float32() -> None:
     torch.manual_seed(0)
     module = torch.nn.Sequential(torch.nn.Conv3d(1, 4, 3, padding=1), torch.nn.Conv3d(4, 1, 1), torch.nn.Sigmoid()).eval()
     handle = ModelHandle("lesion", module, (1.0, 1.0, 1.0), (8, 8, 8), (8, 8, 8), "0" * 64, 100.0)
@@ -263,7 +263,7 @@ def test_bfloat16_tiles_return_float32_close_to_float32() -> None:
     assert not np.array_equal(reduced, exact)
 
 
-def test_resize_region_equals_the_same_part_of_a_whole_resize() -> None:
+def test_resize_region_matches_whole_resize() -> None:
     volume = np.random.default_rng(3).normal(size=(40, 30, 20)).astype(np.float32)
     region = (slice(5, 50), slice(0, 17), slice(33, 41))
 
@@ -274,7 +274,7 @@ def test_resize_region_equals_the_same_part_of_a_whole_resize() -> None:
     assert np.allclose(part, whole[region], atol=1e-6)
 
 
-def test_resize_matches_torch_trilinear_for_integer_views() -> None:
+def test_resize_int16_view_matches_torch() -> None:
     import torch.nn.functional as F
 
     volume = np.random.default_rng(4).integers(-1000, 1000, size=(37, 29, 23)).astype(np.int16)[::-1, :, ::-1]
@@ -285,7 +285,7 @@ def test_resize_matches_torch_trilinear_for_integer_views() -> None:
     assert np.allclose(resize_volume(volume, (20, 61, 23)), expected, rtol=0, atol=0.01)
 
 
-def test_to_ras_keeps_int16_data_without_a_copy() -> None:
+def test_to_ras_keeps_int16_view() -> None:
     data = np.arange(4 * 5 * 6, dtype=np.int16).reshape(4, 5, 6)
     image = nib.Nifti1Image(data, np.diag([-1.0, -1.0, 2.0, 1.0]))
 
@@ -295,7 +295,7 @@ def test_to_ras_keeps_int16_data_without_a_copy() -> None:
     assert np.shares_memory(ras, data)
 
 
-def test_median_filter_in_slabs_equals_one_scipy_call() -> None:
+def test_median_filter_slabs_match_scipy() -> None:
     from scipy import ndimage
 
     from pipeline.preprocessing import median_filter
